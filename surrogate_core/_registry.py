@@ -1,0 +1,180 @@
+"""The registry of surrogates: one ``Surrogate`` definition per function, nothing else to touch.
+
+A ``Surrogate`` carries its name, its named parameters (default, constraint, description), its
+gradient formula as a jnp function of ``x`` and the parameters, and (where braintools defines one)
+the smooth surrogate function whose derivative the gradient is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Constraint",
+    "Param",
+    "Surrogate",
+    "Check",
+    "register",
+    "get",
+    "names",
+    "all_surrogates",
+    "DEFAULT_SURROGATE",
+    "POSITIVE",
+    "NONNEGATIVE",
+    "REAL",
+    "INTEGER_GE1",
+]
+
+DEFAULT_SURROGATE = "piecewise_quadratic"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A constraint on a parameter's values (every element of an array parameter must satisfy it).
+
+    ``ok`` takes a NumPy array (already cast to the request's dtype) and returns a boolean mask of
+    the elements that satisfy it. ``text`` is the human-readable form used in error messages and
+    listings; ``schema`` is its JSON-Schema form for the contract.
+    """
+
+    name: str
+    text: str
+    ok: Callable[[np.ndarray], np.ndarray]
+    schema: Mapping[str, Any] = field(default_factory=dict)
+
+
+POSITIVE = Constraint(
+    "positive", "finite and > 0", lambda a: np.isfinite(a) & (a > 0), {"exclusiveMinimum": 0}
+)
+NONNEGATIVE = Constraint(
+    "nonnegative", "finite and >= 0", lambda a: np.isfinite(a) & (a >= 0), {"minimum": 0}
+)
+REAL = Constraint("real", "finite", lambda a: np.isfinite(a), {})
+INTEGER_GE1 = Constraint(
+    "integer_ge1",
+    "an integer >= 1",
+    lambda a: np.isfinite(a) & (a >= 1) & (np.floor(a) == a),
+    {"minimum": 1, "multipleOf": 1},
+)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A named surrogate parameter, named as in braintools."""
+
+    name: str
+    default: float | int
+    constraint: Constraint
+    description: str
+
+
+@dataclass(frozen=True)
+class Check:
+    """A quantity derived from the parameters that must be representable in the request's dtype.
+
+    For example PiecewiseQuadratic computes ``alpha**2``: in float16 that overflows for
+    ``alpha >= 256``, which would silently turn the gradient into ``-inf``/NaN.
+    """
+
+    text: str  # e.g. "alpha**2"
+    fields: tuple[str, ...]
+    value: Callable[..., np.ndarray]  # NumPy, evaluated in the request's dtype
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """One surrogate-gradient function.
+
+    ``grad(x, **params)`` and ``fun(x, **params)`` are pure jnp functions, elementwise in ``x`` and
+    in every parameter (each parameter may be a scalar or an array of ``x``'s shape). Constants in
+    them must be Python scalars (weakly typed) so the result keeps ``x``'s dtype.
+    """
+
+    name: str
+    braintools_name: str
+    description: str
+    params: tuple[Param, ...]
+    grad: Callable[..., Any]
+    grad_formula: str
+    fun: Callable[..., Any] | None = None
+    fun_formula: str | None = None
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        return {p.name: p.default for p in self.params}
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description (used by ``GET /v1/surrogates``)."""
+        return {
+            "name": self.name,
+            "braintools": f"braintools.surrogate.{self.braintools_name}",
+            "description": self.description,
+            "parameters": [
+                {
+                    "name": p.name,
+                    "default": p.default,
+                    "constraint": p.constraint.text,
+                    "description": p.description,
+                }
+                for p in self.params
+            ],
+            "grad_formula": self.grad_formula,
+            "has_fun": self.fun is not None,
+            "fun_formula": self.fun_formula,
+        }
+
+
+
+_REGISTRY: dict[str, Surrogate] = {}
+
+
+def register(surrogate: Surrogate) -> Surrogate:
+    """Add a surrogate to the registry (its name must be new)."""
+    if surrogate.name in _REGISTRY:
+        raise ValueError(f"surrogate {surrogate.name!r} is already registered")
+    seen = set()
+    for p in surrogate.params:
+        if p.name in seen or p.name in RESERVED_NAMES:
+            raise ValueError(f"{surrogate.name}: bad or duplicate parameter name {p.name!r}")
+        if not math.isfinite(p.default) or not p.constraint.ok(np.asarray(p.default)).all():
+            raise ValueError(f"{surrogate.name}: default of {p.name!r} violates its constraint")
+        seen.add(p.name)
+    _REGISTRY[surrogate.name] = surrogate
+    return surrogate
+
+
+#: Field names of a job that no parameter may take.
+RESERVED_NAMES = frozenset({"x", "surrogate", "dtype", "cotangent"})
+
+
+def get(name: str) -> Surrogate:
+    """Return the registered surrogate ``name``; ``KeyError`` lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown surrogate {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def names() -> list[str]:
+    """The registered surrogate names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def all_surrogates() -> list[Surrogate]:
+    return [_REGISTRY[n] for n in names()]
