@@ -1,0 +1,43 @@
+# surrogate-serve: `make serve` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   ?= .venv
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test test-fast bench openapi lint test-container clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+
+# Installs exactly the pinned versions from requirements.lock, then the project itself.
+$(STAMP): $(BIN)/python requirements.lock pyproject.toml
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/python -m service --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e and not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py
+
+# Regenerates the checked-in contract from the app (review the diff before committing).
+openapi: $(STAMP)
+	$(BIN)/python -m service.contract > openapi.yaml
+
+test-container:
+	bash scripts/test-container.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,57 @@
+"""``python -m service``: serve with uvicorn, configured by ``SURROGATE_*`` settings."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from .settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m service", description="Serve surrogate-serve with uvicorn.")
+    p.add_argument("--host", help="bind address (default SURROGATE_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default SURROGATE_PORT or 8000)")
+    p.add_argument("--workers", type=int, help="worker processes (default SURROGATE_WORKERS or 1)")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if settings.workers > 1:
+        # Workers are spawned processes that each build the app from the environment.
+        import os
+
+        for k, v in settings.model_dump().items():
+            os.environ[f"SURROGATE_{k.upper()}"] = str(v)
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            loop="auto",
+            http="auto",
+        )
+        return
+    from .app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        loop="auto",
+        http="auto",
+        timeout_graceful_shutdown=30,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""``create_app(settings)``: builds the FastAPI app; the lifespan warms up the core."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+
+import surrogate_core as core
+
+from . import __version__
+from .errors import install_error_handlers
+from .routes import compute_router, health_router, meta_router
+from .schemas import COMPUTE_MODELS, ErrorResponse
+from .settings import Settings
+from .state import Runtime
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """\
+Spikes and surrogate gradients of spiking neural networks, over HTTP, with the semantics of
+`braintools.surrogate`. The spike is the Heaviside step H(x) = 1 where x >= 0, else 0; its
+surrogate gradient g'(x) replaces the true derivative in a backward pass.
+
+Every compute endpoint takes one job object or a list of job objects. Every error has the body
+`{"error": {"status", "code", "message", "job", "field"}}`.
+"""
+
+
+def _warm_up(rt: Runtime) -> None:
+    s = rt.settings
+    t0 = time.perf_counter()
+    try:
+        n = rt.engine.warm_up(
+            surrogate=core.DEFAULT_SURROGATE, dtype=core.DEFAULT_DTYPE, max_elements=s.warmup_max_elements
+        )
+        log.info("warm-up compiled %d variants in %.1f s; ready", n, time.perf_counter() - t0)
+    except Exception as exc:  # the service still answers; compilation then happens on demand
+        rt.warmup_error = repr(exc)
+        log.exception("warm-up failed; compiling on demand")
+    rt.ready.set()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = core.Engine(min_bucket=1 << max(0, (settings.min_bucket - 1).bit_length()))
+    rt = Runtime(settings=settings, engine=engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        dev = core.device_info()
+        log.info(
+            "surrogate-serve %s computing on %s (%s, %d device(s)), jax %s",
+            __version__, dev["platform"], dev["device_kind"], dev["device_count"], dev["jax_version"],
+        )
+        task = None
+        if settings.warmup:
+            task = asyncio.create_task(asyncio.to_thread(_warm_up, rt))
+        else:
+            rt.ready.set()
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                with contextlib.suppress(BaseException):
+                    await task
+
+    app = FastAPI(
+        title="surrogate-serve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        license_info={"name": "Apache-2.0", "identifier": "Apache-2.0"},
+    )
+    app.state.runtime = rt
+    install_error_handlers(app)
+    app.include_router(compute_router)
+    app.include_router(meta_router)
+    app.include_router(health_router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The contract: FastAPI's schema plus the compute bodies, which the routes decode themselves."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+        license_info=app.license_info,
+    )
+    models = [(m, "validation") for req, res, _ in COMPUTE_MODELS.values() for m in (req, res)]
+    models.append((ErrorResponse, "validation"))
+    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(defs.get("$defs", {}))
+
+    def ref(name: str) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def error(description: str) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": ref("ErrorResponse")}}}
+
+    for endpoint, (req, res, key) in COMPUTE_MODELS.items():
+        op = schema["paths"][f"/v1/{endpoint}"]["post"]
+        example_job = req.model_config["json_schema_extra"]["examples"][0]
+        example_res = res.model_config["json_schema_extra"]["examples"][0]
+        op["requestBody"] = {
+            "required": True,
+            "description": "One job, or a non-empty list of jobs (answered in order).",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [ref(req.__name__), {"type": "array", "minItems": 1, "items": ref(req.__name__)}]
+                    },
+                    "examples": {
+                        "seed": {"summary": "The seed's example", "value": example_job},
+                        "batch": {"summary": "A list of jobs", "value": [example_job, {"x": [[0.25, -1.5]]}]},
+                    },
+                }
+            },
+        }
+        op["responses"] = {
+            "200": {
+                "description": "The result (a list of results, in order, for a list of jobs).",
+                "content": {
+                    "application/json": {
+                        "schema": {"oneOf": [ref(res.__name__), {"type": "array", "items": ref(res.__name__)}]},
+                        "example": example_res,
+                    }
+                },
+            },
+            "400": error("Malformed body: not JSON, or empty."),
+            "413": error("Body over the configured byte limit."),
+            "415": error("Unsupported Content-Type."),
+            "422": error("Invalid job: the message names the job index and field."),
+            "500": error("Unexpected server error (logged; no details leak)."),
+        }
+    app.openapi_schema = schema
+    return schema

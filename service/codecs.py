@@ -1,0 +1,277 @@
+"""Decode request bodies into jobs and encode results, with no per-element Python work on the
+common path.
+
+JSON: the body is parsed by orjson (strict RFC 8259: no NaN/Infinity, no trailing commas) and each
+array turned into NumPy by ``np.asarray``. Booleans and nulls would be silently turned into numbers
+by NumPy, so when the raw body contains a ``true``/``false``/``null`` token anywhere the arrays are
+walked element by element instead; that walk is also what finds the exact position of a ragged row
+or a string, for the error message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.requests import Request
+
+import surrogate_core as core
+from surrogate_core._jobs import unknown_param_message
+
+from .errors import ApiError
+
+__all__ = [
+    "all_finite",
+    "check_media_type",
+    "encode_json",
+    "has_literals",
+    "jobs_from_json",
+    "json_array",
+    "parse_json",
+    "read_body",
+    "result_dict",
+]
+
+_NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as the declared or received size passes ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not an integer") from None
+        if n > limit:
+            raise ApiError(413, f"request body of {n} bytes is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_media_type(request: Request, accepted: tuple[str, ...]) -> str:
+    """The request's media type if it is one of ``accepted`` (a missing header counts as JSON)."""
+    raw = request.headers.get("content-type")
+    if raw is None:
+        return "application/json"
+    mt = raw.split(";", 1)[0].strip().lower()
+    if mt not in accepted:
+        raise ApiError(415, f"unsupported Content-Type {raw!r}; send one of: {', '.join(accepted)}")
+    return mt
+
+
+def parse_json(body: bytes) -> tuple[list[Any], bool]:
+    """Parse a JSON body: ``(jobs, single)`` where ``single`` says the body was one job object."""
+    if not body.strip():
+        raise ApiError(400, "empty request body; send a job object or a list of job objects")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"invalid JSON: {exc}") from None
+    if isinstance(doc, dict):
+        return [doc], True
+    if isinstance(doc, list):
+        return doc, False
+    raise ApiError(422, f"the body must be a job object or a list of job objects, got {_kind(doc)}")
+
+
+def has_literals(body: bytes) -> bool:
+    """Whether the raw body holds a token that NumPy would silently turn into a number."""
+    return b"true" in body or b"false" in body or b"null" in body
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, dict):
+        return "an object"
+    if isinstance(v, list):
+        return "a list"
+    return type(v).__name__
+
+
+def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.ndarray:
+    """A JSON number or rectangular nested list of numbers as a NumPy array (float64 or int64).
+
+    Raises ``ValueError`` with a message that points at the offending element (``x[1][2]: ...``).
+    """
+    if isinstance(value, bool) or value is None or not isinstance(value, (int, float, list)):
+        raise ValueError(f"{field}: expected a number or a nested list of numbers, got {_kind(value)}")
+    if not isinstance(value, list):
+        if isinstance(value, int) and abs(value) >= 2**63:
+            return _big_int(value, field)
+        return np.asarray(value)
+    if not careful:
+        try:
+            a = np.asarray(value)
+        except (ValueError, TypeError, OverflowError):
+            a = None
+        if a is not None and a.dtype.kind in "if":
+            if a.ndim > max_rank:
+                raise ValueError(f"{field}: rank {a.ndim} exceeds the limit of {max_rank}")
+            return a
+    shape = _walk(value, field, max_rank)
+    try:
+        return np.asarray(value, dtype=np.float64).reshape(shape)
+    except OverflowError:
+        raise ValueError(f"{field}: an integer is too large for a float64") from None
+
+
+def _big_int(v: int, field: str) -> np.ndarray:
+    try:
+        return np.asarray(float(v))
+    except OverflowError:
+        raise ValueError(f"{field}: integer {v} is too large for a float64") from None
+
+
+def _walk(value: Any, path: str, max_rank: int) -> tuple[int, ...]:
+    """Check a nested list is rectangular and all numbers; return its shape.
+
+    Depth-first, so the first offending element is reported with its index path (``x[1][2]``).
+    """
+    shape: list[int] = []
+    v: Any = value
+    while isinstance(v, list):  # the shape is read off the first element at each depth
+        shape.append(len(v))
+        if len(shape) > max_rank:
+            raise ValueError(f"{path}: rank exceeds the limit of {max_rank}")
+        if not v:
+            break
+        v = v[0]
+
+    def check(node: Any, depth: int, idx: list[int]) -> None:
+        if depth == len(shape):
+            if isinstance(node, list):
+                raise ValueError(f"{_at(path, idx)}: ragged nested list (a list where a number belongs)")
+            if isinstance(node, bool) or node is None or not isinstance(node, (int, float)):
+                raise ValueError(f"{_at(path, idx)}: expected a number, got {_kind(node)}")
+            return
+        if not isinstance(node, list):
+            raise ValueError(f"{_at(path, idx)}: ragged nested list (a number where a list belongs)")
+        if len(node) != shape[depth]:
+            raise ValueError(
+                f"{_at(path, idx)}: ragged nested list (length {len(node)}, expected {shape[depth]})"
+            )
+        if depth + 1 == len(shape):
+            for i, e in enumerate(node):
+                if type(e) is not float and (type(e) is not int):
+                    check(e, depth + 1, idx + [i])
+            return
+        for i, e in enumerate(node):
+            check(e, depth + 1, idx + [i])
+
+    check(value, 0, [])
+    return tuple(shape)
+
+
+def _at(path: str, idx: list[int]) -> str:
+    return path + "".join(f"[{i}]" for i in idx)
+
+
+def _for_json(a: np.ndarray) -> Any:
+    if a.dtype.itemsize < 4 or a.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        a = a.astype(np.float32)  # float16 and bfloat16 widen exactly to float32
+    if a.ndim == 0:
+        return a[()]
+    return np.ascontiguousarray(a)
+
+
+def encode_json(payload: Any) -> bytes:
+    """orjson with NumPy arrays serialised natively (float32 with its shortest round-trip repr)."""
+    return orjson.dumps(payload, option=_NUMPY_JSON)
+
+
+def result_dict(op_key: str, surrogate: str, dtype: str, arr: np.ndarray) -> dict[str, Any]:
+    return {"surrogate": surrogate, "dtype": dtype, "shape": list(arr.shape), op_key: _for_json(arr)}
+
+
+def all_finite(a: np.ndarray) -> bool:
+    if a.size == 0:
+        return True
+    if a.dtype.name == "bfloat16":
+        a = a.astype(np.float32)
+    return bool(np.isfinite(a).all())
+
+
+
+def jobs_from_json(
+    docs: list[Any], endpoint: str, *, careful: bool, max_rank: int, max_elements: int, max_jobs: int
+) -> list[core.Job]:
+    """Turn parsed JSON job objects into validated core jobs; ``ApiError`` 422 names job and field."""
+    if not docs:
+        raise ApiError(422, "empty list of jobs; send at least one job object", code="empty_batch")
+    if len(docs) > max_jobs:
+        raise ApiError(422, f"{len(docs)} jobs in one request, over the limit of {max_jobs}", code="too_large")
+    limits = core.Limits(max_rank=max_rank, max_elements=max_elements)
+    jobs: list[core.Job] = []
+    total = 0
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            raise ApiError(422, f"job {i}: must be a JSON object, got {_kind(doc)}", job=i, code="invalid_type")
+        job = _job_from_json(i, doc, endpoint, careful=careful, limits=limits)
+        total += job.size
+        if total > max_elements:
+            raise ApiError(
+                422,
+                f"job {i}: the request has more than {max_elements} elements in all (after broadcasting), "
+                "over the limit",
+                job=i,
+                field="x",
+                code="too_large",
+            )
+        jobs.append(job)
+    return jobs
+
+
+def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool, limits: core.Limits) -> core.Job:
+    def fail(field: str | None, message: str, code: str = "invalid_value") -> ApiError:
+        where = f"job {i}, field {field!r}" if field else f"job {i}"
+        return ApiError(422, f"{where}: {message}", job=i, field=field, code=code)
+
+    if "x" not in doc:
+        raise fail("x", "is required", "missing_field")
+    surrogate = doc.get("surrogate", core.DEFAULT_SURROGATE)
+    if not isinstance(surrogate, str):
+        raise fail("surrogate", f"must be a string, got {_kind(surrogate)}", "invalid_type")
+    try:
+        sur = core.get(surrogate)
+    except KeyError as exc:
+        raise fail("surrogate", exc.args[0], "unknown_surrogate") from None
+    dtype = doc.get("dtype", core.DEFAULT_DTYPE)
+    if not isinstance(dtype, str) or dtype not in core.DTYPES:
+        raise fail("dtype", f"unknown dtype {dtype!r}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
+    x = ct = None
+    params: dict[str, np.ndarray] = {}
+    for key, value in doc.items():
+        if key == "surrogate" or key == "dtype":
+            continue
+        if key == "cotangent" and endpoint != "grad":
+            raise fail(key, f"only /v1/grad takes a cotangent; /v1/{endpoint} does not", "unknown_field")
+        if key != "x" and key != "cotangent" and key not in sur.param_names:
+            raise fail(key, unknown_param_message(key, sur), "unknown_field")
+        try:
+            arr = json_array(value, key, careful=careful, max_rank=limits.max_rank)
+        except ValueError as exc:
+            raise fail(key, str(exc).removeprefix(f"{key}: "), "invalid_type") from None
+        if key == "x":
+            x = arr
+        elif key == "cotangent":
+            ct = arr
+        else:
+            params[key] = arr
+    op = {"spike": "spike", "fun": "fun", "grad": "vjp" if ct is not None else "grad"}[endpoint]
+    try:
+        return core.make_job(op, x, surrogate=surrogate, dtype=dtype, params=params, cotangent=ct, limits=limits)
+    except core.JobError as exc:
+        raise fail(exc.field, exc.message, exc.code) from None

@@ -1,0 +1,167 @@
+"""The HTTP endpoints: compute (/v1/spike, /v1/grad, /v1/fun), metadata, health. No math here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+import surrogate_core as core
+
+from . import __version__
+from .codecs import (
+    all_finite,
+    check_media_type,
+    encode_json,
+    has_literals,
+    jobs_from_json,
+    parse_json,
+    read_body,
+    result_dict,
+)
+from .errors import ApiError
+from .schemas import Health, Info, Readiness, SurrogateInfo, SurrogateList
+from .state import Runtime
+
+__all__ = ["compute_router", "meta_router", "health_router"]
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+compute_router = APIRouter(prefix="/v1", tags=["compute"])
+meta_router = APIRouter(prefix="/v1", tags=["metadata"])
+health_router = APIRouter(tags=["health"])
+
+JSON = "application/json"
+
+
+async def _compute(endpoint: str, request: Request, rt: Runtime) -> Response:
+    s = rt.settings
+    check_media_type(request, (JSON,))
+    body = await read_body(request, s.max_body_bytes)
+    docs, single = parse_json(body)
+    jobs = jobs_from_json(
+        docs,
+        endpoint,
+        careful=has_literals(body),
+        max_rank=s.max_rank,
+        max_elements=s.max_elements,
+        max_jobs=s.max_jobs,
+    )
+    total = sum(j.size for j in jobs)
+    if total > s.offload_elements:
+        results = await anyio.to_thread.run_sync(rt.engine.run, jobs)
+    else:
+        results = rt.engine.run(jobs)
+    out: list[dict[str, Any]] = []
+    for i, (job, res) in enumerate(zip(jobs, results)):
+        if not all_finite(res):
+            raise ApiError(
+                422,
+                f"job {i}: the result is not finite in {job.dtype} (overflow for these values); "
+                "use a wider dtype or smaller values",
+                job=i,
+                field="dtype",
+                code="not_representable",
+            )
+        out.append(result_dict(endpoint, job.surrogate, job.dtype, res))
+    return Response(encode_json(out[0] if single else out), media_type=JSON)
+
+
+@compute_router.post(
+    "/spike",
+    summary="Spikes: the Heaviside step of x",
+    description="1 where x >= 0 (also at x = 0 and x = -0.0), else 0, in the job's dtype. The body is one job "
+    "or a list of jobs; a list is answered in order, computed in one fused device call per dtype.",
+    operation_id="spike",
+)
+async def spike(request: Request, rt: RuntimeDep) -> Response:
+    return await _compute("spike", request, rt)
+
+
+@compute_router.post(
+    "/grad",
+    summary="Surrogate gradient g'(x), or the vector-Jacobian product c * g'(x)",
+    description="The surrogate gradient of the chosen surrogate with its parameters (braintools' names and "
+    "defaults). With `cotangent` c the result is c * g'(x). Parameters and cotangent broadcast against x.",
+    operation_id="grad",
+)
+async def grad(request: Request, rt: RuntimeDep) -> Response:
+    return await _compute("grad", request, rt)
+
+
+@compute_router.post(
+    "/fun",
+    summary="The smooth surrogate function g(x)",
+    description="braintools' `surrogate_fun`: the smooth function whose derivative is the surrogate gradient, "
+    "for plotting. Gradient-only surrogates answer 422 (code `no_smooth_function`).",
+    operation_id="fun",
+)
+async def fun(request: Request, rt: RuntimeDep) -> Response:
+    return await _compute("fun", request, rt)
+
+
+@meta_router.get("/surrogates", response_model=SurrogateList, summary="All surrogates with their parameters")
+async def surrogates() -> dict[str, Any]:
+    return {"default": core.DEFAULT_SURROGATE, "surrogates": [s.describe() for s in core.all_surrogates()]}
+
+
+@meta_router.get(
+    "/surrogates/{name}",
+    response_model=SurrogateInfo,
+    summary="One surrogate with its parameters",
+    responses={404: {"description": "Unknown surrogate"}},
+)
+async def surrogate(name: str) -> dict[str, Any]:
+    try:
+        return core.get(name).describe()
+    except KeyError as exc:
+        raise ApiError(404, exc.args[0], code="unknown_surrogate", field="name") from None
+
+
+@meta_router.get("/info", response_model=Info, summary="Version, device and limits")
+async def info(rt: RuntimeDep) -> dict[str, Any]:
+    dev = core.device_info()
+    s = rt.settings
+    return {
+        "name": "surrogate-serve",
+        "version": __version__,
+        "jax_version": dev["jax_version"],
+        "device": {k: v for k, v in dev.items() if k != "jax_version"},
+        "ready": rt.ready.is_set(),
+        "default_surrogate": core.DEFAULT_SURROGATE,
+        "dtypes": list(core.DTYPES),
+        "limits": {
+            "max_body_bytes": s.max_body_bytes,
+            "max_elements": s.max_elements,
+            "max_rank": s.max_rank,
+            "max_jobs": s.max_jobs,
+        },
+        "compilations": rt.engine.stats.compilations,
+        "variants": rt.engine.variants(),
+    }
+
+
+@health_router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health_router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: 200 once the warm-up compilation is done, 503 before",
+    responses={503: {"model": Readiness, "description": "Still warming up (Retry-After says when to ask again)"}},
+)
+async def readyz(rt: RuntimeDep) -> Response:
+    if rt.ready.is_set():
+        return Response(encode_json({"status": "ready"}), media_type=JSON)
+    return Response(
+        encode_json({"status": "warming_up"}), status_code=503, media_type=JSON, headers={"Retry-After": "1"}
+    )

@@ -1,0 +1,218 @@
+"""Pydantic models: the request and response shapes of the contract (``openapi.yaml``).
+
+The job models are built from the surrogate registry, so a new surrogate or parameter shows up in
+the contract without touching this file. The compute routes decode bodies with the fast codecs in
+``codecs.py`` (which enforce exactly these shapes, with messages that name the job and field); the
+models here document them and serialise the small metadata responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from typing_extensions import TypeAliasType
+
+import surrogate_core as core
+
+__all__ = [
+    "NumArray",
+    "SpikeJob",
+    "GradJob",
+    "FunJob",
+    "SpikeResult",
+    "GradResult",
+    "FunResult",
+    "ErrorBody",
+    "ErrorResponse",
+    "ParameterInfo",
+    "SurrogateInfo",
+    "SurrogateList",
+    "Info",
+    "Health",
+    "Readiness",
+    "COMPUTE_MODELS",
+]
+
+NumArray = TypeAliasType("NumArray", Union[float, list["NumArray"]])  # type: ignore[misc]
+
+DTypeName = Literal["float32", "float64", "float16", "bfloat16"]
+assert set(DTypeName.__args__) == set(core.DTYPES)  # type: ignore[attr-defined]
+
+SurrogateName = Literal[tuple(core.names())]  # type: ignore[valid-type]
+
+SEED_X = [-2.0, -0.5, 0.0, 0.5, 2.0]
+
+
+def _param_fields() -> dict[str, Any]:
+    users: dict[str, list[str]] = {}
+    for s in core.all_surrogates():
+        for p in s.params:
+            users.setdefault(p.name, []).append(f"{s.name} (default {p.default}, {p.constraint.text}): {p.description}")
+    fields: dict[str, Any] = {}
+    for name in sorted(users):
+        fields[name] = (
+            NumArray | None,
+            Field(
+                None,
+                description=(
+                    "Surrogate parameter, named as in braintools; a number or a nested list that "
+                    "broadcasts against x (NumPy rules). Used by: " + "; ".join(users[name])
+                ),
+            ),
+        )
+    return fields
+
+
+def _job_model(name: str, doc: str, *, cotangent: bool, example: dict[str, Any]) -> type[BaseModel]:
+    fields: dict[str, Any] = {
+        "x": (
+            NumArray,
+            Field(description="Membrane potential: a number or a rectangular nested list of numbers (rank <= 8)."),
+        ),
+        "surrogate": (
+            SurrogateName,
+            Field(core.DEFAULT_SURROGATE, description="The surrogate function, as listed by GET /v1/surrogates."),
+        ),
+        "dtype": (
+            DTypeName,
+            Field(core.DEFAULT_DTYPE, description="Floating-point type of the computation and of the result."),
+        ),
+    }
+    fields.update(_param_fields())
+    if cotangent:
+        fields["cotangent"] = (
+            NumArray | None,
+            Field(
+                None,
+                description="Optional cotangent c, broadcasting like a parameter: the result is then c * g'(x), "
+                "the vector-Jacobian product a backward pass needs.",
+            ),
+        )
+    return create_model(
+        name,
+        __doc__=doc,
+        __config__=ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [example]}),
+        **fields,
+    )
+
+
+SpikeJob = _job_model(
+    "SpikeJob",
+    "One spike job: x and, optionally, the surrogate, its parameters and the dtype. Parameters are "
+    "validated and broadcast into the result's shape but do not change the spikes.",
+    cotangent=False,
+    example={"x": SEED_X},
+)
+GradJob = _job_model(
+    "GradJob",
+    "One surrogate-gradient job: g'(x) with the surrogate's parameters, or c * g'(x) with a cotangent.",
+    cotangent=True,
+    example={"x": SEED_X, "alpha": 1.0},
+)
+FunJob = _job_model(
+    "FunJob",
+    "One smooth-function job: the smooth surrogate g(x) (braintools' surrogate_fun), for plotting.",
+    cotangent=False,
+    example={"x": SEED_X, "alpha": 1.0},
+)
+
+
+def _result_model(name: str, key: str, doc: str, example: list[float]) -> type[BaseModel]:
+    return create_model(
+        name,
+        __doc__=doc,
+        __config__=ConfigDict(
+            json_schema_extra={
+                "examples": [{"surrogate": core.DEFAULT_SURROGATE, "dtype": "float32", "shape": [5], key: example}]
+            }
+        ),
+        surrogate=(str, Field(description="The surrogate used.")),
+        dtype=(DTypeName, Field(description="dtype of the computation; JSON numbers are its exact values.")),
+        shape=(list[int], Field(description="Shape of the result: x broadcast with the parameters (and cotangent).")),
+        **{key: (NumArray, Field(description=f"The {key} values, nested to `shape`."))},
+    )
+
+
+SpikeResult = _result_model("SpikeResult", "spike", "Spikes: 1 where x >= 0, else 0.", [0.0, 0.0, 1.0, 1.0, 1.0])
+GradResult = _result_model("GradResult", "grad", "Surrogate gradient g'(x) (or c * g'(x)).", [0.0, 0.5, 1.0, 0.5, 0.0])
+FunResult = _result_model("FunResult", "fun", "Smooth surrogate function g(x).", [0.0, 0.125, 0.5, 0.875, 1.0])
+
+#: endpoint name -> (request model, response model, response key)
+COMPUTE_MODELS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
+    "spike": (SpikeJob, SpikeResult, "spike"),
+    "grad": (GradJob, GradResult, "grad"),
+    "fun": (FunJob, FunResult, "fun"),
+}
+
+
+class ErrorBody(BaseModel):
+    status: int = Field(description="The HTTP status, repeated.")
+    code: str = Field(description="Machine-readable error code, e.g. invalid_value, unknown_field, body_too_large.")
+    message: str = Field(description="What is wrong, naming the job and field.")
+    job: int | None = Field(description="Index of the offending job (0 for a single-job body), if any.")
+    field: str | None = Field(description="The offending field (x, alpha, dtype, ...), if any.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx response has this body."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "status": 422,
+                        "code": "invalid_value",
+                        "message": "job 0, field 'alpha': must be finite and > 0, got -1.0",
+                        "job": 0,
+                        "field": "alpha",
+                    }
+                }
+            ]
+        }
+    )
+    error: ErrorBody
+
+
+class ParameterInfo(BaseModel):
+    name: str
+    default: float
+    constraint: str
+    description: str
+
+
+class SurrogateInfo(BaseModel):
+    name: str = Field(description="The name to pass as `surrogate`.")
+    braintools: str = Field(description="The braintools class it follows.")
+    description: str
+    parameters: list[ParameterInfo]
+    grad_formula: str
+    has_fun: bool = Field(description="Whether /v1/fun serves its smooth function (false: gradient-only).")
+    fun_formula: str | None
+
+
+class SurrogateList(BaseModel):
+    default: str
+    surrogates: list[SurrogateInfo]
+
+
+class Info(BaseModel):
+    name: str
+    version: str
+    jax_version: str
+    device: dict[str, Any] = Field(description="The device the core computes on (platform, kind, count).")
+    ready: bool
+    default_surrogate: str
+    dtypes: list[str]
+    limits: dict[str, int]
+    compilations: int = Field(description="Compiled variants so far (bounded by the size buckets).")
+    variants: dict[str, int] = Field(description="Compiled variants per op/surrogate/dtype.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "warming_up"]
