@@ -12,9 +12,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 
-# Installs exactly the pinned versions from requirements.lock, then the project itself.
-$(STAMP): $(BIN)/python requirements.lock pyproject.toml
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+# Installs exactly the pinned versions (runtime + test tools: requirements-dev.lock), then the project itself.
+$(STAMP): $(BIN)/python requirements.lock requirements-dev.lock pyproject.toml
+	$(BIN)/python -m pip install --quiet -r requirements-dev.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    logging.getLogger("jax").setLevel(logging.WARNING)
     if settings.workers > 1:
         # Workers are spawned processes that each build the app from the environment.
         import os
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
             log_level=settings.log_level,
             loop="auto",
             http="auto",
+            timeout_graceful_shutdown=settings.graceful_timeout,
         )
         return
     from .app import create_app
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=settings.log_level,
         loop="auto",
         http="auto",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.graceful_timeout,
     )
 
 

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     warmup_max_elements: int = Field(
         1 << 17, ge=1, description="Warm-up compiles every bucket up to this many elements."
     )
+    graceful_timeout: float = Field(
+        20.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before exiting."
+    )
     offload_elements: int = Field(
         16384, ge=0, description="Requests with more elements than this compute in a worker thread, off the event loop."
     )
