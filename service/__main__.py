@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from .app import create_app
 
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -53,6 +55,18 @@ def main(argv: list[str] | None = None) -> None:
         http="auto",
         timeout_graceful_shutdown=settings.graceful_timeout,
     )
+    _GracefulServer(config).run()
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its graceful shutdown, so the process dies with 143; a
+    SIGTERM that was handled gracefully is a clean stop here, and the process exits 0."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
+            captured.remove(sig)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def parse_json(body: bytes) -> tuple[list[Any], bool]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "number is infinity" in str(exc):  # valid JSON, but past float64's range
+            raise ApiError(422, f"a number is out of float64 range: {exc}", code="not_representable") from None
         raise ApiError(400, f"invalid JSON: {exc}") from None
     if isinstance(doc, dict):
         return [doc], True

@@ -17,8 +17,13 @@ def contract() -> dict[str, Any]:
     return create_app(Settings(warmup=False)).openapi()
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump(doc: dict[str, Any]) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+    return yaml.dump(doc, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, width=100)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ models here document them and serialise the small metadata responses.
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -39,7 +40,8 @@ NumArray = TypeAliasType("NumArray", Union[float, list["NumArray"]])  # type: ig
 DTypeName = Literal["float32", "float64", "float16", "bfloat16"]
 assert set(DTypeName.__args__) == set(core.DTYPES)  # type: ignore[attr-defined]
 
-SurrogateName = Literal[tuple(core.names())]  # type: ignore[valid-type]
+#: The registered surrogate names (an enum in the contract, built from the registry).
+SurrogateName = enum.Enum("SurrogateName", {n: n for n in core.names()}, type=str)  # type: ignore[misc]
 
 SEED_X = [-2.0, -0.5, 0.0, 0.5, 2.0]
 
@@ -72,7 +74,10 @@ def _job_model(name: str, doc: str, *, cotangent: bool, example: dict[str, Any])
         ),
         "surrogate": (
             SurrogateName,
-            Field(core.DEFAULT_SURROGATE, description="The surrogate function, as listed by GET /v1/surrogates."),
+            Field(
+                SurrogateName(core.DEFAULT_SURROGATE),
+                description="The surrogate function, as listed by GET /v1/surrogates.",
+            ),
         ),
         "dtype": (
             DTypeName,

@@ -1,0 +1,83 @@
+"""End to end: a real uvicorn server (`python -m service`) on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SEED = [-2.0, -0.5, 0.0, 0.5, 2.0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = dict(os.environ, SURROGATE_PORT=str(port), SURROGATE_HOST="127.0.0.1", SURROGATE_WARMUP_MAX_ELEMENTS="4096")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    with httpx.Client(base_url=base, timeout=5) as c:
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if c.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.1)
+    yield base, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_seed_example_over_http(server):
+    base, _ = server
+    with httpx.Client(base_url=base) as c:
+        r = c.post("/v1/spike", json={"x": SEED})
+        assert r.json() == {"surrogate": "piecewise_quadratic", "dtype": "float32", "shape": [5], "spike": [0, 0, 1, 1, 1]}
+        r = c.post("/v1/grad", json=[{"x": SEED, "alpha": 1.0}, {"x": SEED, "alpha": 2.0, "cotangent": 3.0}])
+        assert [b["grad"] for b in r.json()] == [[0.0, 0.5, 1.0, 0.5, 0.0], [0.0, 0.0, 6.0, 0.0, 0.0]]
+        r = c.post("/v1/grad", json={"x": SEED, "alpha": -1})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "alpha"
+        assert c.get("/v1/info").json()["device"]["platform"] == "cpu"
+
+
+def test_large_request_over_http(server):
+    base, _ = server
+    n = 200_000
+    x = [((i % 401) - 200) / 100 for i in range(n)]
+    with httpx.Client(base_url=base, timeout=60) as c:
+        r = c.post("/v1/grad", json={"x": x, "alpha": 2.0})
+        body = r.json()
+        assert body["shape"] == [n]
+        g = body["grad"]
+        for i in (0, 150, 200, 250, 399, n - 1):
+            xi = x[i]
+            want = 0.0 if abs(xi) > 0.5 else 2.0 - 4.0 * abs(xi)
+            assert abs(g[i] - want) < 1e-6
+
+
+def test_sigterm_exits_cleanly(server):
+    base, proc = server
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "computing on cpu" in out and "warm-up compiled" in out
