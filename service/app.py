@@ -117,10 +117,56 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         op = schema["paths"][f"/v1/{endpoint}"]["post"]
         example_job = req.model_config["json_schema_extra"]["examples"][0]
         example_res = res.model_config["json_schema_extra"]["examples"][0]
+        binary_note = (
+            "Binary bodies only (application/x-npy or application/x-npz); a JSON body carries these "
+            "fields in the job object and must have no query string."
+        )
+        params = [
+            {
+                "name": "surrogate",
+                "in": "query",
+                "required": False,
+                "description": "The surrogate. " + binary_note,
+                "schema": ref("SurrogateName"),
+            },
+            {
+                "name": "dtype",
+                "in": "query",
+                "required": False,
+                "description": "Computation dtype; default: the .npy array's own (float16, float32, float64). "
+                "bfloat16 travels as float32 with dtype=bfloat16. " + binary_note,
+                "schema": {"type": "string", "enum": list(core.DTYPES)},
+            },
+        ]
+        names = sorted({p.name for sur in core.all_surrogates() for p in sur.params})
+        if endpoint == "grad":
+            names.append("cotangent")
+        for name in names:
+            params.append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "description": f"Scalar {name} (an array goes in an .npz member of that name). " + binary_note,
+                    "schema": {"type": "number"},
+                }
+            )
+        op["parameters"] = params
         op["requestBody"] = {
             "required": True,
-            "description": "One job, or a non-empty list of jobs (answered in order).",
+            "description": "One job, or a non-empty list of jobs (answered in order), as JSON; or one job as a "
+            "binary body: x as a .npy file (application/x-npy) with scalar fields in the query string, or an .npz "
+            "archive (application/x-npz) of named arrays x, parameters and cotangent. Binary input may hold NaN "
+            "and infinities (IEEE semantics); objects, structured dtypes and pickles are refused.",
             "content": {
+                "application/x-npy": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "<x as written by numpy.save, e.g. float32 [-2, -0.5, 0, 0.5, 2]>",
+                },
+                "application/x-npz": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "<numpy.savez(f, x=..., alpha=np.array([[0.5], [1], [2], [4]]))>",
+                },
                 "application/json": {
                     "schema": {
                         "oneOf": [ref(req.__name__), {"type": "array", "minItems": 1, "items": ref(req.__name__)}]
@@ -134,18 +180,37 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         }
         op["responses"] = {
             "200": {
-                "description": "The result (a list of results, in order, for a list of jobs).",
+                "description": "The result (a list of results, in order, for a list of jobs); a .npy file "
+                "when the request has Accept: application/x-npy.",
                 "content": {
                     "application/json": {
                         "schema": {"oneOf": [ref(res.__name__), {"type": "array", "items": ref(res.__name__)}]},
                         "example": example_res,
-                    }
+                    },
+                    "application/x-npy": {
+                        "schema": {"type": "string", "format": "binary"},
+                        "example": "<the result as a .npy file; bfloat16 results as float32>",
+                    },
+                },
+                "headers": {
+                    "X-Surrogate-Dtype": {
+                        "description": "On .npy answers: the computation dtype (bfloat16 travels as float32).",
+                        "schema": {"type": "string"},
+                    },
+                    "X-Surrogate-Name": {
+                        "description": "On .npy answers: the surrogate used.",
+                        "schema": {"type": "string"},
+                    },
                 },
             },
             "400": error("Malformed body: not JSON, or empty."),
+            "406": error("Accept: application/x-npy for a list of jobs (lists are answered in JSON)."),
             "413": error("Body over the configured byte limit."),
             "415": error("Unsupported Content-Type."),
-            "422": error("Invalid job: the message names the job index and field."),
+            "422": error(
+                "Invalid job: the message names the job index and field. Also a malformed, truncated, "
+                "object-dtype or oversized binary body (code invalid_binary, invalid_type or too_large)."
+            ),
             "500": error("Unexpected server error (logged; no details leak)."),
         }
     app.openapi_schema = schema

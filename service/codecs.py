@@ -277,3 +277,78 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
         return core.make_job(op, x, surrogate=surrogate, dtype=dtype, params=params, cotangent=ct, limits=limits)
     except core.JobError as exc:
         raise fail(exc.field, exc.message, exc.code) from None
+
+
+def job_from_binary(
+    endpoint: str, media_type: str, body: bytes, query: Any, *, max_rank: int, max_elements: int
+) -> core.Job:
+    """One job from an ``.npy`` (x) or ``.npz`` (x, parameters, cotangent) body plus the query string
+    (surrogate, dtype and scalar parameters)."""
+    from .binary import NPY, decode_npy, decode_npz
+
+    def fail(field: str | None, message: str, code: str = "invalid_value") -> ApiError:
+        where = f"job 0, field {field!r}" if field else "job 0"
+        return ApiError(422, f"{where}: {message}", job=0, field=field, code=code)
+
+    seen: set[str] = set()
+    for key, _ in query.multi_items():
+        if key in seen:
+            raise fail(key, "given more than once in the query string", "invalid_value")
+        seen.add(key)
+    q = dict(query)
+    surrogate = q.pop("surrogate", core.DEFAULT_SURROGATE)
+    try:
+        sur = core.get(surrogate)
+    except KeyError as exc:
+        raise fail("surrogate", exc.args[0], "unknown_surrogate") from None
+    dtype = q.pop("dtype", None)
+    if dtype is not None and dtype not in core.DTYPES:
+        raise fail("dtype", f"unknown dtype {dtype!r}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
+    if media_type == NPY:
+        arrays = {"x": decode_npy(body, max_rank=max_rank, max_elements=max_elements)}
+    else:
+        arrays = decode_npz(body, max_rank=max_rank, max_elements=max_elements)
+        if "x" not in arrays:
+            raise fail("x", "the .npz has no member named x", "missing_field")
+    allowed = set(sur.param_names) | ({"cotangent"} if endpoint == "grad" else set())
+    for key in arrays:
+        if key != "x" and key not in allowed:
+            if key in ("surrogate", "dtype"):
+                raise fail(key, "goes in the query string, not in the .npz", "unknown_field")
+            raise fail(key, _unknown(key, sur, endpoint), "unknown_field")
+    for key, raw in q.items():
+        if key not in allowed:
+            raise fail(key, _unknown(key, sur, endpoint) + " (in the query string)", "unknown_field")
+        if key in arrays:
+            raise fail(key, "given both in the query string and in the body", "invalid_value")
+        try:
+            arrays[key] = np.asarray(float(raw))
+        except ValueError:
+            raise fail(key, f"query value {raw!r} is not a number", "invalid_type") from None
+    x = arrays.pop("x")
+    ct = arrays.pop("cotangent", None)
+    op = {"spike": "spike", "fun": "fun", "grad": "vjp" if ct is not None else "grad"}[endpoint]
+    try:
+        return core.make_job(
+            op, x, surrogate=surrogate, dtype=dtype, params=arrays, cotangent=ct,
+            limits=core.Limits(max_rank=max_rank, max_elements=max_elements),
+        )
+    except core.JobError as exc:
+        raise fail(exc.field, exc.message, exc.code) from None
+
+
+def _unknown(key: str, sur: core.Surrogate, endpoint: str) -> str:
+    if key == "cotangent":
+        return f"only /v1/grad takes a cotangent; /v1/{endpoint} does not"
+    return unknown_param_message(key, sur)
+
+
+def overflowed(job: core.Job, result: np.ndarray) -> bool:
+    """Whether the result has a non-finite value where every input was finite (an overflow)."""
+    if all_finite(result):
+        return False
+    finite = np.ones(result.shape, bool)
+    for a in (job.x, job.cotangent, *job.params.values()):
+        if a is not None:
+            finite &= np.isfinite(a.astype(np.float32) if a.dtype.name == "bfloat16" else a)
+    return bool((~np.isfinite(result.astype(np.float32) if result.dtype.name == "bfloat16" else result) & finite).any())

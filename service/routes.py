@@ -11,8 +11,11 @@ from starlette.responses import Response
 import surrogate_core as core
 
 from . import __version__
+from .binary import NPY, NPZ, encode_npy
 from .codecs import (
     all_finite,
+    job_from_binary,
+    overflowed,
     check_media_type,
     encode_json,
     has_literals,
@@ -41,37 +44,80 @@ health_router = APIRouter(tags=["health"])
 JSON = "application/json"
 
 
+def _wants_npy(request: Request) -> bool:
+    return NPY in request.headers.get("accept", "")
+
+
 async def _compute(endpoint: str, request: Request, rt: Runtime) -> Response:
     s = rt.settings
-    check_media_type(request, (JSON,))
+    media_type = check_media_type(request, (JSON, NPY, NPZ))
+    want_npy = _wants_npy(request)
     body = await read_body(request, s.max_body_bytes)
-    docs, single = parse_json(body)
-    jobs = jobs_from_json(
-        docs,
-        endpoint,
-        careful=has_literals(body),
-        max_rank=s.max_rank,
-        max_elements=s.max_elements,
-        max_jobs=s.max_jobs,
-    )
+    if media_type == JSON:
+        if request.query_params:
+            key = next(iter(request.query_params))
+            raise ApiError(
+                422,
+                f"query parameter {key!r}: the query string is for binary bodies; put fields in the JSON job",
+                field=key,
+                code="unknown_field",
+            )
+        docs, single = parse_json(body)
+        jobs = jobs_from_json(
+            docs,
+            endpoint,
+            careful=has_literals(body),
+            max_rank=s.max_rank,
+            max_elements=s.max_elements,
+            max_jobs=s.max_jobs,
+        )
+    else:
+        single = True
+        jobs = [
+            job_from_binary(
+                endpoint, media_type, body, request.query_params, max_rank=s.max_rank, max_elements=s.max_elements
+            )
+        ]
+    if want_npy and not single:
+        raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
     total = sum(j.size for j in jobs)
     if total > s.offload_elements:
         results = await anyio.to_thread.run_sync(rt.engine.run, jobs)
     else:
         results = rt.engine.run(jobs)
+    if want_npy:
+        job, res = jobs[0], results[0]
+        if overflowed(job, res):
+            raise _overflow(0, job)
+        return Response(
+            encode_npy(res), media_type=NPY, headers={"X-Surrogate-Dtype": job.dtype, "X-Surrogate-Name": job.surrogate}
+        )
     out: list[dict[str, Any]] = []
     for i, (job, res) in enumerate(zip(jobs, results)):
         if not all_finite(res):
+            if overflowed(job, res):
+                raise _overflow(i, job)
             raise ApiError(
                 422,
-                f"job {i}: the result is not finite in {job.dtype} (overflow for these values); "
-                "use a wider dtype or smaller values",
+                f"job {i}: the result holds NaN or infinity (from NaN/inf in the input), which JSON cannot carry; "
+                f"ask for 'Accept: {NPY}'",
                 job=i,
-                field="dtype",
+                field="x",
                 code="not_representable",
             )
         out.append(result_dict(endpoint, job.surrogate, job.dtype, res))
     return Response(encode_json(out[0] if single else out), media_type=JSON)
+
+
+def _overflow(i: int, job: core.Job) -> ApiError:
+    return ApiError(
+        422,
+        f"job {i}: the result is not finite in {job.dtype} (overflow for these values); "
+        "use a wider dtype or smaller values",
+        job=i,
+        field="dtype",
+        code="not_representable",
+    )
 
 
 @compute_router.post(

@@ -1,0 +1,143 @@
+"""Safe ``.npy`` / ``.npz`` decoding and ``.npy`` encoding.
+
+Nothing here calls ``np.load``: headers are parsed with ``numpy.lib.format``'s header readers, the
+dtype must be a plain floating type (no objects, no structured or void types, so nothing can be
+unpickled), the declared shape is checked against the element limit BEFORE any data is touched, and
+the data must be exactly as long as the header says. ``.npz`` members are streamed out of the zip
+with reads bounded by their declared sizes, so a compressed member that inflates past what its
+header declares (a zip bomb) is refused after reading at most one byte more than the limit.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from typing import Any
+
+import numpy as np
+from numpy.lib import format as npformat
+
+from .errors import ApiError
+
+__all__ = ["NPY", "NPZ", "decode_npy", "decode_npz", "encode_npy", "ACCEPTED_KINDS"]
+
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+
+#: dtypes accepted on the wire (any byte order): IEEE half, single and double.
+ACCEPTED_KINDS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+MAX_NPZ_MEMBERS = 16
+
+
+def _bad(message: str, field: str | None = None, code: str = "invalid_binary") -> ApiError:
+    return ApiError(422, message if field is None else f"job 0, field {field!r}: {message}", code=code, job=0, field=field)
+
+
+def _read_header(fp: Any, field: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = npformat.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = npformat.read_array_header_1_0(fp, max_header_size=10_000)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=10_000)
+        else:  # pragma: no cover - read_magic only returns known versions
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, EOFError, TypeError, SyntaxError) as exc:
+        raise _bad(f"not a valid .npy file: {exc}", field) from None
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise _bad(f"dtype {dtype} is not allowed (object and structured arrays are refused)", field, "invalid_type")
+    if dtype.newbyteorder("=") not in ACCEPTED_KINDS and dtype not in ACCEPTED_KINDS:
+        raise _bad(
+            f"dtype {dtype} is not accepted; send float16, float32 or float64 (bfloat16 travels as float32 "
+            "with ?dtype=bfloat16)",
+            field,
+            "invalid_type",
+        )
+    return shape, fortran, dtype
+
+
+def _limits(shape: tuple[int, ...], field: str, max_rank: int, max_elements: int) -> int:
+    if len(shape) > max_rank:
+        raise _bad(f"rank {len(shape)} exceeds the limit of {max_rank}", field, "too_large")
+    n = math.prod(shape)
+    if n > max_elements:
+        raise _bad(f"shape {list(shape)} has {n} elements, over the limit of {max_elements}", field, "too_large")
+    return n
+
+
+def _array(data: bytes | memoryview, offset: int, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, n: int) -> np.ndarray:
+    a = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
+    a = a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
+    if not dtype.isnative:
+        a = a.astype(dtype.newbyteorder("="))
+    return a
+
+
+def decode_npy(body: bytes, *, field: str = "x", max_rank: int, max_elements: int) -> np.ndarray:
+    """A ``.npy`` body as a read-only array (no copy when it is native and C-ordered)."""
+    fp = io.BytesIO(body)
+    shape, fortran, dtype = _read_header(fp, field)
+    n = _limits(shape, field, max_rank, max_elements)
+    offset = fp.tell()
+    expected = n * dtype.itemsize
+    if len(body) - offset != expected:
+        raise _bad(
+            f"the header declares shape {list(shape)} of {dtype} ({expected} bytes of data) but the body holds "
+            f"{len(body) - offset} bytes (truncated or padded file)",
+            field,
+        )
+    return _array(body, offset, shape, fortran, dtype, n)
+
+
+def decode_npz(body: bytes, *, max_rank: int, max_elements: int) -> dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` body. The element limit applies to all members together."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(body))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
+        raise _bad(f"not a valid .npz (zip) file: {exc}") from None
+    out: dict[str, np.ndarray] = {}
+    budget = max_elements
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_NPZ_MEMBERS:
+            raise _bad(f".npz has {len(infos)} members, over the limit of {MAX_NPZ_MEMBERS}", code="too_large")
+        for info in infos:
+            name = info.filename
+            if not name.endswith(".npy") or "/" in name or name[:-4] in out:
+                raise _bad(f".npz member {name!r} is not a top-level NAME.npy array (or is repeated)")
+            field = name[:-4]
+            try:
+                with zf.open(info) as fp:
+                    shape, fortran, dtype = _read_header(fp, field)
+                    n = _limits(shape, field, max_rank, budget)
+                    expected = n * dtype.itemsize
+                    data = fp.read(expected + 1)  # bounded: never inflate more than declared + 1 byte
+            except ApiError:
+                raise
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
+                raise _bad(f"cannot read .npz member {name!r}: {exc}", field) from None
+            if len(data) != expected:
+                raise _bad(
+                    f"the header declares shape {list(shape)} of {dtype} ({expected} bytes) but the member holds "
+                    f"{'more' if len(data) > expected else len(data)} bytes",
+                    field,
+                )
+            budget -= n
+            out[field] = _array(data, 0, shape, fortran, dtype, n)
+    return out
+
+
+def encode_npy(a: np.ndarray) -> bytes:
+    """``a`` as a ``.npy`` file (bfloat16 is widened, exactly, to float32)."""
+    if a.dtype.name == "bfloat16":
+        a = a.astype(np.float32)
+    a = np.ascontiguousarray(a)
+    header = {"descr": npformat.dtype_to_descr(a.dtype), "fortran_order": False, "shape": a.shape}
+    buf = io.BytesIO()
+    npformat.write_array_header_1_0(buf, header) if _fits_v1(header) else npformat.write_array_header_2_0(buf, header)
+    return buf.getvalue() + a.tobytes()
+
+
+def _fits_v1(header: dict[str, Any]) -> bool:
+    return len(repr(header)) < 60_000
