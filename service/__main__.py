@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
             loop="auto",
             http="auto",
             timeout_graceful_shutdown=settings.graceful_timeout,
+            access_log=settings.access_log,
         )
         return
     from .app import create_app
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         loop="auto",
         http="auto",
         timeout_graceful_shutdown=settings.graceful_timeout,
+        access_log=settings.access_log,
     )
     _GracefulServer(config).run()
 

@@ -17,7 +17,11 @@ import surrogate_core as core
 
 from . import __version__
 from .errors import install_error_handlers
-from .routes import compute_router, health_router, meta_router
+from .batching import Batcher
+from .metrics import Metrics
+from .middleware import ServiceMiddleware
+from .routes import compute_router, health_router, meta_router, metrics_router
+from .security import token_digests
 from .schemas import COMPUTE_MODELS, ErrorResponse
 from .settings import Settings
 from .state import Runtime
@@ -53,7 +57,19 @@ def _warm_up(rt: Runtime) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     engine = core.Engine(min_bucket=1 << max(0, (settings.min_bucket - 1).bit_length()))
-    rt = Runtime(settings=settings, engine=engine)
+    batcher = Batcher(
+        engine,
+        max_delay=settings.batch_max_delay,
+        max_batch_elements=settings.batch_max_elements,
+        max_queue=settings.max_queue,
+        offload_elements=settings.offload_elements,
+    )
+    metrics = Metrics(engine, lambda: batcher.depth)
+    batcher.on_batch = metrics.on_batch
+    rt = Runtime(
+        settings=settings, engine=engine, batcher=batcher, metrics=metrics,
+        token_digests=token_digests(settings.tokens()),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,6 +78,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "surrogate-serve %s computing on %s (%s, %d device(s)), jax %s",
             __version__, dev["platform"], dev["device_kind"], dev["device_count"], dev["jax_version"],
         )
+        if rt.token_digests:
+            log.info("authentication on: %d bearer token(s) accepted", len(rt.token_digests))
+        else:
+            log.warning("authentication off: no SURROGATE_API_TOKEN set, every client is served")
         task = None
         if settings.warmup:
             task = asyncio.create_task(asyncio.to_thread(_warm_up, rt))
@@ -70,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await batcher.drain(settings.graceful_timeout)
             if task is not None and not task.done():
                 with contextlib.suppress(BaseException):
                     await task
@@ -86,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(compute_router)
     app.include_router(meta_router)
     app.include_router(health_router)
+    app.include_router(metrics_router)
+    app.add_middleware(ServiceMiddleware, runtime=rt)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -205,6 +228,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             },
             "400": error("Malformed body: not JSON, or empty."),
             "406": error("Accept: application/x-npy for a list of jobs (lists are answered in JSON)."),
+            "401": error("Missing or wrong bearer token (only when the server has a token configured)."),
+            "408": error("The body did not arrive within the request time limit."),
             "413": error("Body over the configured byte limit."),
             "415": error("Unsupported Content-Type."),
             "422": error(
@@ -212,6 +237,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 "object-dtype or oversized binary body (code invalid_binary, invalid_type or too_large)."
             ),
             "500": error("Unexpected server error (logged; no details leak)."),
+            "503": {
+                "description": "Overloaded (queue or concurrency limit), over the time limit, or the device "
+                "ran out of memory: retry after Retry-After seconds.",
+                "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+                "content": {"application/json": {"schema": ref("ErrorResponse")}},
+            },
         }
     app.openapi_schema = schema
     return schema

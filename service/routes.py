@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 import surrogate_core as core
@@ -24,22 +24,26 @@ from .codecs import (
     read_body,
     result_dict,
 )
+from .batching import DeviceError, Overloaded
 from .errors import ApiError
 from .schemas import Health, Info, Readiness, SurrogateInfo, SurrogateList
+from .security import require_token
 from .state import Runtime
 
-__all__ = ["compute_router", "meta_router", "health_router"]
+__all__ = ["compute_router", "health_router", "meta_router", "metrics_router"]
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
-compute_router = APIRouter(prefix="/v1", tags=["compute"])
-meta_router = APIRouter(prefix="/v1", tags=["metadata"])
+AUTH = [Depends(require_token)]
+compute_router = APIRouter(prefix="/v1", tags=["compute"], dependencies=AUTH)
+meta_router = APIRouter(prefix="/v1", tags=["metadata"], dependencies=AUTH)
 health_router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["metadata"], dependencies=AUTH)
 
 JSON = "application/json"
 
@@ -53,6 +57,7 @@ async def _compute(endpoint: str, request: Request, rt: Runtime) -> Response:
     media_type = check_media_type(request, (JSON, NPY, NPZ))
     want_npy = _wants_npy(request)
     body = await read_body(request, s.max_body_bytes)
+    request.state.body_done = True
     if media_type == JSON:
         if request.query_params:
             key = next(iter(request.query_params))
@@ -80,11 +85,21 @@ async def _compute(endpoint: str, request: Request, rt: Runtime) -> Response:
         ]
     if want_npy and not single:
         raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
-    total = sum(j.size for j in jobs)
-    if total > s.offload_elements:
-        results = await anyio.to_thread.run_sync(rt.engine.run, jobs)
-    else:
-        results = rt.engine.run(jobs)
+    try:
+        results = await rt.batcher.submit(jobs)
+    except Overloaded as exc:
+        rt.metrics.rejections.labels("queue").inc()
+        raise ApiError(503, f"overloaded: {exc}; retry shortly", code="overloaded", headers={"Retry-After": "1"}) from None
+    except DeviceError as exc:
+        rt.metrics.device_failures.inc()
+        if exc.resource_exhausted:
+            raise ApiError(
+                503, "the device ran out of memory for this batch; retry, or send smaller requests",
+                code="device_out_of_memory", headers={"Retry-After": "1"},
+            ) from None
+        raise ApiError(500, "the computation failed for this batch; the server log has the details",
+                       code="device_error") from None
+    rt.metrics.elements.labels(endpoint).inc(sum(j.size for j in jobs))
     if want_npy:
         job, res = jobs[0], results[0]
         if overflowed(job, res):
@@ -211,3 +226,13 @@ async def readyz(rt: RuntimeDep) -> Response:
     return Response(
         encode_json({"status": "warming_up"}), status_code=503, media_type=JSON, headers={"Retry-After": "1"}
     )
+
+
+@metrics_router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}},
+)
+async def metrics(rt: RuntimeDep) -> Response:
+    return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -41,8 +42,55 @@ class Settings(BaseSettings):
         20.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before exiting."
     )
     offload_elements: int = Field(
-        16384, ge=0, description="Requests with more elements than this compute in a worker thread, off the event loop."
+        16384, ge=0, description="Batches with more elements than this compute in a worker thread, off the event loop."
     )
+    max_concurrent: int = Field(
+        64, ge=1, description="Compute requests handled at once; past it, 503 with Retry-After at once."
+    )
+    max_queue: int = Field(
+        256, ge=1, description="Requests waiting for the device; past it, 503 with Retry-After at once."
+    )
+    request_timeout: float = Field(
+        30.0, gt=0, description="Seconds a compute request may take, body upload included (408 while uploading, else 503)."
+    )
+    batch_max_delay: float = Field(
+        0.0002, ge=0, le=0.1, description="Seconds a busy batcher waits to gather concurrent requests into one device call (0 when idle)."
+    )
+    batch_max_elements: int = Field(
+        1 << 20, ge=1, description="Largest batch of gathered requests (elements); larger requests are batches of their own."
+    )
+    api_token: SecretStr | None = Field(
+        None, description="If set, compute, metadata and /metrics need `Authorization: Bearer <token>`."
+    )
+    api_token_file: Path | None = Field(
+        None, description="A file of accepted tokens, one per line (blank lines and # comments ignored)."
+    )
+    access_log: bool = Field(False, description="Log every request (uvicorn's access log); /metrics counts them anyway.")
+
+    @model_validator(mode="after")
+    def _tokens_are_usable(self) -> "Settings":
+        if self.api_token is not None and len(self.api_token.get_secret_value().strip()) < 16:
+            raise ValueError("SURROGATE_API_TOKEN must be at least 16 characters")
+        if self.api_token_file is not None:
+            if not self.api_token_file.is_file():
+                raise ValueError(f"SURROGATE_API_TOKEN_FILE {self.api_token_file} is not a readable file")
+            if not self.tokens():
+                raise ValueError(f"SURROGATE_API_TOKEN_FILE {self.api_token_file} holds no token")
+            if any(len(t) < 16 for t in self.tokens()):
+                raise ValueError(f"every token in {self.api_token_file} must be at least 16 characters")
+        return self
+
+    def tokens(self) -> list[str]:
+        """Every accepted bearer token (empty: authentication is off)."""
+        out = []
+        if self.api_token is not None:
+            out.append(self.api_token.get_secret_value().strip())
+        if self.api_token_file is not None:
+            for line in self.api_token_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out.append(line)
+        return out
 
 
 @lru_cache

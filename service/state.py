@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import surrogate_core as core
 
+from .batching import Batcher
+from .metrics import Metrics
 from .settings import Settings
 
 __all__ = ["Runtime"]
@@ -16,5 +18,8 @@ __all__ = ["Runtime"]
 class Runtime:
     settings: Settings
     engine: core.Engine
+    batcher: Batcher
+    metrics: Metrics
+    token_digests: list[bytes] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     warmup_error: str | None = None

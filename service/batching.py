@@ -1,0 +1,183 @@
+"""Cross-request dynamic batching in front of the engine.
+
+Requests submit their jobs; jobs that arrive close together are concatenated into one engine call
+(one device call per op, surrogate and dtype) and the results split back, like Triton's dynamic
+batcher. When the batcher is idle a request is dispatched at once (no added latency); while it is
+busy, arrivals within ``max_delay`` seconds are gathered into the next batch. The queue is bounded:
+past ``max_queue`` waiting requests, ``submit`` refuses at once with ``Overloaded`` (503 with
+Retry-After) instead of letting latency grow without bound. Batches above ``offload_elements``
+compute in a worker thread, so large requests never block the event loop; small ones compute
+inline, which is cheaper than a thread hop. A failure in a device call fails only the requests of
+that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+import numpy as np
+
+import surrogate_core as core
+
+__all__ = ["Batcher", "Overloaded", "BatchStats"]
+
+log = logging.getLogger("service.batching")
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller should answer 503 with Retry-After."""
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+    failures: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class _Item:
+    jobs: Sequence[core.Job]
+    elements: int
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: core.Engine,
+        *,
+        max_delay: float = 0.0002,
+        max_batch_elements: int = 1 << 20,
+        max_queue: int = 256,
+        offload_elements: int = 16384,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_delay = max_delay
+        self.max_batch_elements = max_batch_elements
+        self.max_queue = max_queue
+        self.offload_elements = offload_elements
+        self.on_batch = on_batch
+        self.stats = BatchStats()
+        self._pending: list[_Item] = []
+        self._pending_elements = 0
+        self._handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._in_flight = 0  # batches computing in worker threads
+        self._waiting = 0  # requests submitted and not yet answered
+        self._last_flush = 0.0
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def depth(self) -> int:
+        """Requests submitted and not yet answered (queued or computing)."""
+        return self._waiting
+
+    async def submit(self, jobs: Sequence[core.Job]) -> list[np.ndarray]:
+        if self._waiting >= self.max_queue:
+            self.stats.rejected += 1
+            raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
+        loop = asyncio.get_running_loop()
+        item = _Item(jobs, sum(j.size for j in jobs), loop.create_future())
+        self._waiting += 1
+        try:
+            if item.elements >= self.max_batch_elements:
+                self._dispatch([item])  # a big request is a batch of its own
+            else:
+                self._pending.append(item)
+                self._pending_elements += item.elements
+                if self._pending_elements >= self.max_batch_elements:
+                    self._flush()
+                elif self._handle is None:
+                    idle = self._in_flight == 0 and (loop.time() - self._last_flush) >= self.max_delay
+                    if idle or self.max_delay <= 0:
+                        self._handle = loop.call_soon(self._flush)
+                    else:
+                        self._handle = loop.call_later(self.max_delay, self._flush)
+            return await item.future
+        finally:
+            self._waiting -= 1
+
+    def _flush(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        items, self._pending, self._pending_elements = self._pending, [], 0
+        self._last_flush = asyncio.get_running_loop().time()
+        items = [it for it in items if not it.future.done()]  # cancelled while waiting
+        if items:
+            self._dispatch(items)
+
+    def _dispatch(self, items: list[_Item]) -> None:
+        jobs = [j for it in items for j in it.jobs]
+        total = sum(it.elements for it in items)
+        if total > self.offload_elements:
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run_thread(items, jobs, total))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            t0 = time.perf_counter()
+            try:
+                results = self.engine.run(jobs)
+            except Exception as exc:  # noqa: BLE001 - delivered to the batch's requests
+                self._fail(items, exc)
+            else:
+                self._deliver(items, results, total, time.perf_counter() - t0)
+
+    async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = await anyio.to_thread.run_sync(self.engine.run, jobs)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(items, exc)
+        else:
+            self._deliver(items, results, total, time.perf_counter() - t0)
+        finally:
+            self._in_flight -= 1
+
+    def _deliver(self, items: list[_Item], results: list[np.ndarray], total: int, seconds: float) -> None:
+        self.stats.batches += 1
+        self.stats.requests += len(items)
+        if self.on_batch is not None:
+            self.on_batch(len(items), total, seconds)
+        o = 0
+        for it in items:
+            k = len(it.jobs)
+            if not it.future.done():
+                it.future.set_result(results[o:o + k])
+            o += k
+
+    def _fail(self, items: list[_Item], exc: Exception) -> None:
+        self.stats.failures += 1
+        log.error("device call failed for a batch of %d request(s): %r", len(items), exc)
+        for it in items:
+            if not it.future.done():
+                it.future.set_exception(DeviceError(exc))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for every submitted request to be answered."""
+        deadline = time.monotonic() + timeout
+        if self._pending:
+            self._flush()
+        while (self._waiting or self._tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+
+class DeviceError(Exception):
+    """A device call failed; ``cause`` is the original exception."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+    @property
+    def resource_exhausted(self) -> bool:
+        text = f"{type(self.cause).__name__} {self.cause}"
+        return isinstance(self.cause, MemoryError) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()

@@ -1,0 +1,80 @@
+"""Pure ASGI middleware: request metrics, the concurrency cap and the per-request time limit.
+
+Kept as plain ASGI (not BaseHTTPMiddleware) so it adds microseconds, not a task per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, error_response
+
+__all__ = ["ServiceMiddleware", "COMPUTE_PATHS"]
+
+COMPUTE_PATHS = frozenset({"/v1/spike", "/v1/grad", "/v1/fun"})
+KNOWN_PATHS = COMPUTE_PATHS | {"/v1/surrogates", "/v1/info", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"}
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, runtime: Any) -> None:
+        self.app = app
+        self.rt = runtime
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in KNOWN_PATHS else ("/v1/surrogates/{name}" if path.startswith("/v1/surrogates/") else "other")
+        metrics = self.rt.metrics
+        status = {"code": 500, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["started"] = True
+            await send(message)
+
+        t0 = time.perf_counter()
+        compute = path in COMPUTE_PATHS
+        try:
+            if not compute:
+                await self.app(scope, receive, send_wrapper)
+                return
+            s = self.rt.settings
+            if self.in_flight >= s.max_concurrent:
+                metrics.rejections.labels("concurrency").inc()
+                await error_response(
+                    ApiError(503, f"{self.in_flight} requests in progress (limit {s.max_concurrent}); retry shortly",
+                             code="overloaded", headers={"Retry-After": "1"})
+                )(scope, receive, send_wrapper)
+                return
+            self.in_flight += 1
+            metrics.in_flight.inc()
+            try:
+                async with asyncio.timeout(s.request_timeout):
+                    await self.app(scope, receive, send_wrapper)
+            except TimeoutError:
+                if status["started"]:
+                    raise
+                uploading = not scope.get("state", {}).get("body_done", False)
+                metrics.rejections.labels("timeout").inc()
+                err = (
+                    ApiError(408, f"the request body did not arrive within {s.request_timeout} s", code="request_timeout",
+                             headers={"Connection": "close"})
+                    if uploading
+                    else ApiError(503, f"the request took longer than {s.request_timeout} s", code="timeout",
+                                  headers={"Retry-After": "1"})
+                )
+                await error_response(err)(scope, receive, send_wrapper)
+            finally:
+                self.in_flight -= 1
+                metrics.in_flight.dec()
+        finally:
+            metrics.requests.labels(endpoint, str(status["code"])).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
