@@ -78,10 +78,39 @@ def parse_json(body: bytes) -> tuple[list[Any], bool]:
             raise ApiError(422, f"a number is out of float64 range: {exc}", code="not_representable") from None
         raise ApiError(400, f"invalid JSON: {exc}") from None
     if isinstance(doc, dict):
+        _no_duplicate_keys(body, [doc])
         return [doc], True
     if isinstance(doc, list):
+        _no_duplicate_keys(body, [d for d in doc if isinstance(d, dict)])
         return doc, False
     raise ApiError(422, f"the body must be a job object or a list of job objects, got {_kind(doc)}")
+
+
+def _no_duplicate_keys(body: bytes, jobs: list[dict[str, Any]]) -> None:
+    """Refuse a job object with a repeated key (orjson, like most parsers, keeps the last one).
+
+    Fast check: a valid body holds no strings but keys and short enum values, so each key's quoted
+    form occurs once per job that has it. Only when the counts disagree (or the body has escapes) is
+    the body re-parsed with a pairs hook to find the duplicate exactly.
+    """
+    counts: dict[str, int] = {}
+    for d in jobs:
+        for k in d:
+            counts[k] = counts.get(k, 0) + 1
+    if b"\\" not in body and all(body.count(b'"' + k.encode() + b'"') == n for k, n in counts.items()):
+        return
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ApiError(422, f"duplicate key {k!r} in a job object", code="duplicate_key", field=k)
+            seen.add(k)
+        return dict(pairs)
+
+    import json
+
+    json.loads(body, object_pairs_hook=hook)
 
 
 def has_literals(body: bytes) -> bool:
