@@ -140,3 +140,25 @@ async def test_metadata_and_health(aclient):
     assert await aclient.health() == {"status": "ok"}
     assert await aclient.ready() is True
     await aclient.wait_ready(timeout=1)
+
+
+async def test_bearer_token():
+    import httpx
+
+    from helpers import make_settings
+    from service.app import create_app
+
+    token = "client-test-token-0123456789"
+    app = create_app(make_settings(api_token=token))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with scl.AsyncSurrogateClient("http://testserver", http_transport=transport, retries=0) as anon:
+            assert await anon.health() == {"status": "ok"}  # probes stay open
+            with pytest.raises(scl.AuthenticationError) as info:
+                await anon.grad(SEED)
+            assert info.value.status == 401 and info.value.code == "unauthorized"
+            with pytest.raises(scl.AuthenticationError):
+                await anon.surrogates()
+        async with scl.AsyncSurrogateClient("http://testserver", http_transport=transport, token=token) as c:
+            assert (await c.grad(SEED, transport="npy")).tolist() == [0.0, 0.5, 1.0, 0.5, 0.0]
+            assert (await c.surrogates())["default"] == "piecewise_quadratic"
