@@ -1,0 +1,56 @@
+"""Start the real service (`python -m service`) on a free loopback port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(**settings):
+    port = free_port()
+    env = dict(os.environ, SURROGATE_HOST="127.0.0.1", SURROGATE_PORT=str(port), SURROGATE_WARMUP_MAX_ELEMENTS="4096")
+    env.update({f"SURROGATE_{k.upper()}": str(v) for k, v in settings.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        with httpx.Client(base_url=base, timeout=5) as c:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited: {proc.stdout.read()}")
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become ready")
+                time.sleep(0.1)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
