@@ -13,9 +13,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 
 # Installs exactly the pinned versions (runtime + test tools: requirements-dev.lock), then the project itself.
-$(STAMP): $(BIN)/python requirements.lock requirements-dev.lock pyproject.toml
+$(STAMP): $(BIN)/python requirements.lock requirements-dev.lock pyproject.toml surrogate_client/pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements-dev.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e ./surrogate_client
 	touch $(STAMP)
 
 install: $(STAMP)
