@@ -75,8 +75,11 @@ async def test_jax_arrays_in_numpy_arrays_out(aclient):
 
 
 async def test_scalars_and_empty_arrays(aclient):
-    g = await aclient.grad(0.25, alpha=2.0)
-    assert isinstance(g, np.ndarray) and g.shape == () and g == 1.0
+    for transport in ("auto", "json", "npy", "npz"):
+        g = await aclient.grad(0.25, alpha=2.0, transport=transport)
+        assert isinstance(g, np.ndarray) and g.shape == () and g == 1.0 and g.dtype == np.float32, transport
+        s = await aclient.spike(np.float16(-0.5), transport=transport)
+        assert s.shape == () and s == 0.0 and s.dtype == np.float16, transport
     for transport in ("auto", "npy", "npz"):
         e = await aclient.spike(np.zeros((0, 3)), transport=transport)
         assert e.shape == (0, 3) and e.dtype == np.float64

@@ -103,6 +103,15 @@ def test_dtype_resolution_and_wire_dtype(x, dtype, name, wire):
     assert json.loads(j.content)["dtype"] == name
 
 
+def test_byte_order_and_memory_layout_do_not_matter():
+    x = np.linspace(-1, 1, 12).reshape(3, 4)
+    for arr in (x.astype(">f8"), np.asfortranarray(x), x.T.copy().T, x[:, ::2]):
+        spec = W.build_compute("grad", arr, params={}, transport="npy")
+        assert spec.dtype == "float64" and spec.shape == arr.shape
+        sent = np.load(io.BytesIO(spec.content))
+        assert sent.dtype == np.float64 and sent.dtype.isnative and np.array_equal(sent, arr)
+
+
 def test_jax_arrays_are_accepted():
     import jax.numpy as jnp
 
@@ -165,6 +174,17 @@ def test_decode_json_scalars_empties_and_bfloat16(monkeypatch):
     got = W.decode_compute("grad", W.NPY, {"x-surrogate-dtype": "bfloat16"}, npy(np.array([1.0078125], np.float32)),
                            "bfloat16")
     assert got.dtype == np.float32 and got[0] == 1.0078125
+
+
+def test_result_shape_is_the_broadcast_shape():
+    # a 0-d result that arrives as shape (1,) in .npy is given back its shape ()
+    got = W.decode_compute("grad", W.NPY, {"x-surrogate-dtype": "float32"}, npy(np.array([1.0], np.float32)),
+                           "float32", ())
+    assert got.shape == () and got == 1.0
+    spec = W.build_compute("grad", np.zeros((2, 1)), params={"alpha": np.ones(3)}, cotangent=2.0, transport="npy")
+    assert spec.shape == (2, 3)
+    with pytest.raises(DecodingError, match="shape"):
+        W.decode_compute("grad", W.NPY, {}, npy(np.zeros(5)), "float64", (2, 3))
 
 
 @pytest.mark.parametrize(

@@ -114,14 +114,13 @@ class _Base:
         return min(wait, self.max_backoff)
 
     def _compute_spec(self, op: str, x: Any, params: Mapping[str, Any], cotangent: Any,
-                      surrogate: str | None, dtype: Any, transport: str | None) -> tuple[_wire.RequestSpec, str]:
+                      surrogate: str | None, dtype: Any, transport: str | None) -> _wire.RequestSpec:
         mode = transport or self.transport
         if mode == "auto" and not self._binary_ok:
             mode = "json"
-        spec = _wire.build_compute(
+        return _wire.build_compute(
             op, x, params=params, cotangent=cotangent, surrogate=surrogate, dtype=dtype, transport=mode
         )
-        return spec, spec.dtype
 
     def _fallback(self, spec: _wire.RequestSpec, err: Exception, transport: str | None) -> bool:
         """Whether to resend a refused binary request as JSON (``auto`` against an older server)."""
@@ -146,9 +145,9 @@ class _Base:
             raise DecodingError(f"the answer to {response.request.url.path} is not JSON: {exc}") from None
 
     @staticmethod
-    def _decode(op: str, response: httpx.Response, dtype_name: str) -> np.ndarray:
+    def _decode(op: str, response: httpx.Response, spec: _wire.RequestSpec) -> np.ndarray:
         return _wire.decode_compute(
-            op, response.headers.get("content-type"), response.headers, response.content, dtype_name
+            op, response.headers.get("content-type"), response.headers, response.content, spec.dtype, spec.shape
         )
 
 
@@ -238,15 +237,15 @@ class SurrogateClient(_Base):
 
     def _compute(self, op: str, x: Any, params: Mapping[str, Any], cotangent: Any, surrogate: str | None,
                  dtype: Any, transport: str | None) -> np.ndarray:
-        spec, dtype_name = self._compute_spec(op, x, params, cotangent, surrogate, dtype, transport)
+        spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, transport)
         try:
             response = self._send(spec)
         except UnsupportedMediaType as err:
             if not self._fallback(spec, err, transport):
                 raise
-            spec, dtype_name = self._compute_spec(op, x, params, cotangent, surrogate, dtype, "json")
+            spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, "json")
             response = self._send(spec)
-        return self._decode(op, response, dtype_name)
+        return self._decode(op, response, spec)
 
     # -- compute -------------------------------------------------------------------------------
 
@@ -387,15 +386,15 @@ class AsyncSurrogateClient(_Base):
 
     async def _compute(self, op: str, x: Any, params: Mapping[str, Any], cotangent: Any, surrogate: str | None,
                        dtype: Any, transport: str | None) -> np.ndarray:
-        spec, dtype_name = self._compute_spec(op, x, params, cotangent, surrogate, dtype, transport)
+        spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, transport)
         try:
             response = await self._send(spec)
         except UnsupportedMediaType as err:
             if not self._fallback(spec, err, transport):
                 raise
-            spec, dtype_name = self._compute_spec(op, x, params, cotangent, surrogate, dtype, "json")
+            spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, "json")
             response = await self._send(spec)
-        return self._decode(op, response, dtype_name)
+        return self._decode(op, response, spec)
 
     async def spike(self, x: Any, *, surrogate: str | None = None, dtype: Any = None,
                     transport: _wire.Transport | None = None, **params: Any) -> np.ndarray:

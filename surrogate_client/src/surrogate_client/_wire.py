@@ -84,6 +84,7 @@ class RequestSpec:
     content: bytes | None = None
     binary: bool = False
     dtype: str = ""  # the computation dtype a compute request asks for
+    shape: tuple[int, ...] | None = None  # the result's shape, where the client can tell
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def as_array(value: Any, name: str) -> np.ndarray:
         return arr
     kind = arr.dtype.kind
     if kind in "iuf":
-        return arr
+        return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
     if kind == "b":
         raise TypeError(f"{name}: booleans are not accepted as numbers; cast to float first")
     if kind == "c":
@@ -136,6 +137,7 @@ def resolve_dtype(dtype: Any, x: Any) -> str:
             xdt = None
         if xdt is None:
             return "float32"
+        xdt = xdt.newbyteorder("=")  # ">f8" is float64 too
         if _is_bfloat16(xdt):
             return "bfloat16"
         if xdt in _WIRE_FLOATS:
@@ -194,11 +196,16 @@ def _json_safe(arr: np.ndarray) -> bool:
     return _all_finite(arr)
 
 
-def _result_size(arrays: list[np.ndarray]) -> int:
+def _result_shape(arrays: list[np.ndarray]) -> tuple[int, ...] | None:
     try:
-        return math.prod(np.broadcast_shapes(*(a.shape for a in arrays)))
-    except ValueError:  # does not broadcast: the server will say so; size it by the largest
-        return max(a.size for a in arrays)
+        return np.broadcast_shapes(*(a.shape for a in arrays))
+    except ValueError:  # does not broadcast: the server will say so
+        return None
+
+
+def _result_size(arrays: list[np.ndarray]) -> int:
+    shape = _result_shape(arrays)
+    return math.prod(shape) if shape is not None else max(a.size for a in arrays)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -267,7 +274,8 @@ def build_compute(
                 raise ValueError(f"{name}: {_JSON_UNSAFE}; use transport='npy' (or 'auto')")
         body = json.dumps(job, separators=(",", ":")).encode()
         return RequestSpec(
-            "POST", path, headers={"Content-Type": JSON, "Accept": JSON}, content=body, dtype=dtype_name
+            "POST", path, headers={"Content-Type": JSON, "Accept": JSON}, content=body, dtype=dtype_name,
+            shape=_result_shape(arrays),
         )
 
     query: dict[str, str] = {"dtype": dtype_name}
@@ -288,7 +296,7 @@ def build_compute(
         content, ctype = _npz_bytes(archive), NPZ
     return RequestSpec(
         "POST", path, params=query, headers={"Content-Type": ctype, "Accept": NPY}, content=content,
-        binary=True, dtype=dtype_name,
+        binary=True, dtype=dtype_name, shape=_result_shape(arrays),
     )
 
 
@@ -373,8 +381,23 @@ def _result_from_doc(doc: Any, op: str, expected_dtype: str | None) -> np.ndarra
 
 
 def decode_compute(op: str, content_type: str | None, headers: Mapping[str, str], content: bytes,
-                   expected_dtype: str) -> np.ndarray:
-    """The result array of a successful compute answer, whichever encoding the server chose."""
+                   expected_dtype: str, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The result array of a successful compute answer, whichever encoding the server chose.
+
+    With ``expected_shape`` (the broadcast shape of the request's arrays) the result is checked
+    against it, and given it where only the layout differs: a 0-d result can arrive as shape (1,)
+    in .npy, and JSON cannot tell an empty (0, 3) from an empty (0,).
+    """
+    arr = _decode_compute(op, content_type, headers, content, expected_dtype)
+    if expected_shape is not None and arr.shape != expected_shape:
+        if arr.size != math.prod(expected_shape):
+            raise DecodingError(f"the result has shape {arr.shape}, expected {expected_shape}")
+        arr = arr.reshape(expected_shape)
+    return arr
+
+
+def _decode_compute(op: str, content_type: str | None, headers: Mapping[str, str], content: bytes,
+                    expected_dtype: str) -> np.ndarray:
     mt = _media_type(content_type)
     if mt == NPY:
         arr = decode_npy(content)
