@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NOTEBOOK = EXAMPLES / "quickstart.ipynb"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,6 +34,8 @@ def test_committed_figure_is_a_png():
     assert 400 <= w <= 2000 and 300 <= h <= 1500
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_notebook_runs_against_a_real_server(server_url, tmp_path, monkeypatch):
     import nbclient
     import nbformat
