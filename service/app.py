@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(meta_router)
     app.include_router(health_router)
     app.include_router(metrics_router)
-    app.add_middleware(ServiceMiddleware, runtime=rt)
+    app.add_middleware(ServiceMiddleware, runtime=rt, fastapi_app=app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -1,28 +1,40 @@
-"""Pure ASGI middleware: request metrics, the concurrency cap and the per-request time limit.
+"""Pure ASGI middleware: request metrics, the concurrency cap, the per-request time limit, and the
+fast path of the compute endpoints.
 
-Kept as plain ASGI (not BaseHTTPMiddleware) so it adds microseconds, not a task per request.
+Kept as plain ASGI (not BaseHTTPMiddleware) so it adds microseconds, not a task per request. The
+compute endpoints (``POST /v1/spike|grad|fun``) are answered here directly by the same handler the
+FastAPI routes declare (``routes.compute``): FastAPI's per-request routing and dependency
+resolution cost more than the whole computation of a small request, and these endpoints need none
+of it (they read their bodies themselves). The FastAPI routes stay declared for the contract.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
+
+from starlette.requests import Request
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, error_response
+from .security import check_token
 
 __all__ = ["ServiceMiddleware", "COMPUTE_PATHS"]
+
+log = logging.getLogger("service.errors")
 
 COMPUTE_PATHS = frozenset({"/v1/spike", "/v1/grad", "/v1/fun"})
 KNOWN_PATHS = COMPUTE_PATHS | {"/v1/surrogates", "/v1/info", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"}
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, runtime: Any) -> None:
+    def __init__(self, app: ASGIApp, runtime: Any, fastapi_app: Any = None) -> None:
         self.app = app
         self.rt = runtime
+        self.fastapi_app = fastapi_app
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -58,7 +70,10 @@ class ServiceMiddleware:
             metrics.in_flight.inc()
             try:
                 async with asyncio.timeout(s.request_timeout):
-                    await self.app(scope, receive, send_wrapper)
+                    if scope["method"] == "POST":
+                        await self._compute(path[4:], scope, receive, send_wrapper)
+                    else:
+                        await self.app(scope, receive, send_wrapper)
             except TimeoutError:
                 if status["started"]:
                     raise
@@ -78,3 +93,18 @@ class ServiceMiddleware:
         finally:
             metrics.requests.labels(endpoint, str(status["code"])).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+    async def _compute(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        from .routes import compute  # the routes module imports this one's names
+
+        scope.setdefault("app", self.fastapi_app)
+        request = Request(scope, receive)
+        try:
+            check_token(self.rt.token_digests, request.headers.get("authorization"))
+            response = await compute(endpoint, request, self.rt)
+        except ApiError as exc:
+            response = error_response(exc)
+        except Exception:
+            log.exception("unhandled error on POST %s", scope["path"])
+            response = error_response(ApiError(500, "internal error; the server log has the details"))
+        await response(scope, receive, send)

@@ -52,7 +52,8 @@ def _wants_npy(request: Request) -> bool:
     return NPY in request.headers.get("accept", "")
 
 
-async def _compute(endpoint: str, request: Request, rt: Runtime) -> Response:
+async def compute(endpoint: str, request: Request, rt: Runtime) -> Response:
+    """Answer one compute request (called by the middleware's fast path and by the routes)."""
     s = rt.settings
     media_type = check_media_type(request, (JSON, NPY, NPZ))
     want_npy = _wants_npy(request)
@@ -143,7 +144,7 @@ def _overflow(i: int, job: core.Job) -> ApiError:
     operation_id="spike",
 )
 async def spike(request: Request, rt: RuntimeDep) -> Response:
-    return await _compute("spike", request, rt)
+    return await compute("spike", request, rt)
 
 
 @compute_router.post(
@@ -154,7 +155,7 @@ async def spike(request: Request, rt: RuntimeDep) -> Response:
     operation_id="grad",
 )
 async def grad(request: Request, rt: RuntimeDep) -> Response:
-    return await _compute("grad", request, rt)
+    return await compute("grad", request, rt)
 
 
 @compute_router.post(
@@ -165,7 +166,7 @@ async def grad(request: Request, rt: RuntimeDep) -> Response:
     operation_id="fun",
 )
 async def fun(request: Request, rt: RuntimeDep) -> Response:
-    return await _compute("fun", request, rt)
+    return await compute("fun", request, rt)
 
 
 @meta_router.get("/surrogates", response_model=SurrogateList, summary="All surrogates with their parameters")

@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import ApiError
 
-__all__ = ["require_token", "bearer_scheme"]
+__all__ = ["bearer_scheme", "check_token", "require_token", "token_digests"]
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -33,10 +33,16 @@ def _digest(token: str) -> bytes:
 async def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 ) -> None:
-    digests: list[bytes] = request.app.state.runtime.token_digests
+    """FastAPI dependency form of :func:`check_token`."""
+    check_token(request.app.state.runtime.token_digests, request.headers.get("authorization"))
+
+
+def check_token(digests: list[bytes], authorization: str | None) -> None:
+    """Raise 401 unless ``authorization`` is ``Bearer <one of the tokens>`` (no-op when auth is off)."""
     if not digests:
         return
-    given = _digest(credentials.credentials) if credentials is not None and credentials.scheme.lower() == "bearer" else b""
+    scheme, _, token = (authorization or "").partition(" ")
+    given = _digest(token.strip()) if scheme.lower() == "bearer" and token.strip() else b""
     ok = False
     for d in digests:  # no early exit: the time does not depend on which token matched
         ok |= hmac.compare_digest(given, d)
