@@ -132,7 +132,7 @@ def encode_npy(a: np.ndarray) -> bytes:
     """``a`` as a ``.npy`` file (bfloat16 is widened, exactly, to float32)."""
     if a.dtype.name == "bfloat16":
         a = a.astype(np.float32)
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray makes 0-d arrays 1-d
     header = {"descr": npformat.dtype_to_descr(a.dtype), "fortran_order": False, "shape": a.shape}
     buf = io.BytesIO()
     npformat.write_array_header_1_0(buf, header) if _fits_v1(header) else npformat.write_array_header_2_0(buf, header)

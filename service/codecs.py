@@ -10,6 +10,7 @@ or a string, for the error message.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -350,10 +351,9 @@ def job_from_binary(
             raise fail(key, _unknown(key, sur, endpoint) + " (in the query string)", "unknown_field")
         if key in arrays:
             raise fail(key, "given both in the query string and in the body", "invalid_value")
-        try:
-            arrays[key] = np.asarray(float(raw))
-        except ValueError:
-            raise fail(key, f"query value {raw!r} is not a number", "invalid_type") from None
+        if not _NUMBER.fullmatch(raw):
+            raise fail(key, f"query value {raw!r} is not a number", "invalid_type")
+        arrays[key] = np.asarray(float(raw))
     x = arrays.pop("x")
     ct = arrays.pop("cotangent", None)
     op = {"spike": "spike", "fun": "fun", "grad": "vjp" if ct is not None else "grad"}[endpoint]
@@ -364,6 +364,30 @@ def job_from_binary(
         )
     except core.JobError as exc:
         raise fail(exc.field, exc.message, exc.code) from None
+
+
+# A JSON-style number, plus nan/inf spellings (refused later by the constraints, with a clear message)
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def accepts_npy(accept: str | None) -> bool:
+    """Whether the Accept header prefers ``application/x-npy`` to JSON (q-values honoured)."""
+    if not accept:
+        return False
+    best = {"npy": -1.0, "json": -1.0}
+    for part in accept.split(","):
+        fields = [f.strip() for f in part.split(";")]
+        mt, q = fields[0].lower(), 1.0
+        for f in fields[1:]:
+            if f.lower().startswith("q="):
+                try:
+                    q = float(f[2:])
+                except ValueError:
+                    q = 0.0
+        kind = "npy" if mt == "application/x-npy" else "json" if mt in ("application/json", "application/*", "*/*") else None
+        if kind:
+            best[kind] = max(best[kind], q)
+    return best["npy"] > 0 and best["npy"] > best["json"]
 
 
 def _unknown(key: str, sur: core.Surrogate, endpoint: str) -> str:

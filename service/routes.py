@@ -13,6 +13,7 @@ import surrogate_core as core
 from . import __version__
 from .binary import NPY, NPZ, encode_npy
 from .codecs import (
+    accepts_npy,
     all_finite,
     job_from_binary,
     overflowed,
@@ -49,7 +50,7 @@ JSON = "application/json"
 
 
 def _wants_npy(request: Request) -> bool:
-    return NPY in request.headers.get("accept", "")
+    return accepts_npy(request.headers.get("accept"))
 
 
 async def compute(endpoint: str, request: Request, rt: Runtime) -> Response:

@@ -205,3 +205,24 @@ async def test_json_body_refuses_a_query_string_and_npy_for_lists(client):
 async def test_overflow_with_finite_binary_input_is_refused(client):
     r = await call(client, "/v1/grad", npy(np.float16([0.0])), NPY, {"alpha": "2", "cotangent": "60000"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "not_representable"
+
+
+async def test_scalar_results_keep_their_shape_as_npy(client):
+    r = await call(client, "/v1/grad", npy(np.float32(0.25)), NPY, {"alpha": "2.0"})
+    got = load(r.content)
+    assert got.shape == () and got == np.float32(1.0)
+
+
+@pytest.mark.parametrize(
+    ("accept", "npy_answer"),
+    [("application/x-npy", True), ("application/json;q=1, application/x-npy;q=0.1", False),
+     ("application/x-npy, application/json;q=0.5", True), ("*/*", False), ("application/x-npy;q=0", False)],
+)
+async def test_accept_q_values_are_honoured(client, accept, npy_answer):
+    r = await call(client, "/v1/spike", good, NPY, accept=accept)
+    assert (r.headers["content-type"] == NPY) is npy_answer
+
+
+async def test_query_numbers_are_plain_numbers(client):
+    r = await call(client, "/v1/grad", good, NPY, {"alpha": "1_0"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "alpha"
