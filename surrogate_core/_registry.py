@@ -28,6 +28,7 @@ __all__ = [
     "NONNEGATIVE",
     "REAL",
     "INTEGER_GE1",
+    "integer_between",
 ]
 
 DEFAULT_SURROGATE = "piecewise_quadratic"
@@ -61,6 +62,17 @@ INTEGER_GE1 = Constraint(
     lambda a: np.isfinite(a) & (a >= 1) & (np.floor(a) == a),
     {"minimum": 1, "multipleOf": 1},
 )
+
+
+def integer_between(lo: int, hi: int) -> Constraint:
+    """An integer in ``[lo, hi]``: a count that drives a loop, bounded so that no request can make
+    the loop run for ever (e.g. SquarewaveFourierSeries' number of terms ``n``)."""
+    return Constraint(
+        f"integer_{lo}_to_{hi}",
+        f"an integer >= {lo} and <= {hi}",
+        lambda a: np.isfinite(a) & (a >= lo) & (a <= hi) & (np.floor(a) == a),
+        {"minimum": lo, "maximum": hi, "multipleOf": 1},
+    )
 
 
 @dataclass(frozen=True)
