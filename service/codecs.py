@@ -211,8 +211,11 @@ def _at(path: str, idx: list[int]) -> str:
     return path + "".join(f"[{i}]" for i in idx)
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def _for_json(a: np.ndarray) -> Any:
-    if a.dtype.itemsize < 4 or a.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if a.dtype != _F32 and a.dtype != _F64:
         a = a.astype(np.float32)  # float16 and bfloat16 widen exactly to float32
     if a.ndim == 0:
         return a[()]
@@ -231,7 +234,7 @@ def result_dict(op_key: str, surrogate: str, dtype: str, arr: np.ndarray) -> dic
 def all_finite(a: np.ndarray) -> bool:
     if a.size == 0:
         return True
-    if a.dtype.name == "bfloat16":
+    if a.dtype.kind != "f":  # bfloat16 (ml_dtypes) is not a NumPy float kind
         a = a.astype(np.float32)
     return bool(np.isfinite(a).all())
 

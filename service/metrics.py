@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -59,6 +60,18 @@ class Metrics:
         )
         self.device_failures = Counter("surrogate_device_failures", "Engine calls that failed.", registry=r)
         r.register(_EngineCollector(engine, depth))
+
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one request (label children are cached: labels() costs more than the increment)."""
+        key = (endpoint, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def on_batch(self, requests: int, elements: int, seconds: float) -> None:
         self.batch_requests.observe(requests)

@@ -91,8 +91,7 @@ class ServiceMiddleware:
                 self.in_flight -= 1
                 metrics.in_flight.dec()
         finally:
-            metrics.requests.labels(endpoint, str(status["code"])).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            metrics.observe_request(endpoint, status["code"], time.perf_counter() - t0)
 
     async def _compute(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
         from .routes import compute  # the routes module imports this one's names

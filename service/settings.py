@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     api_token_file: Path | None = Field(
         None, description="A file of accepted tokens, one per line (blank lines and # comments ignored)."
     )
+    opentelemetry: bool = Field(
+        False, description="Emit OpenTelemetry traces and metrics (FastAPI's native telemetry) when a provider is configured."
+    )
     access_log: bool = Field(False, description="Log every request (uvicorn's access log); /metrics counts them anyway.")
 
     @model_validator(mode="after")

@@ -23,6 +23,9 @@ from __future__ import annotations
 import jax
 
 jax.config.update("jax_enable_x64", True)
+# Every call here blocks on its result at once, so on the CPU run it in the calling thread instead
+# of handing it to a worker and waiting: about 35 us less per call (no effect on GPUs).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 from typing import Any  # noqa: E402
 

@@ -6,6 +6,7 @@ HTTP service refuse exactly the same things with the same messages.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,25 +133,13 @@ def make_job(
         raise JobError(unknown[0], unknown_param_message(unknown[0], sur), code="unknown_field")
 
     xa = _cast("x", x, dt, dtype_name)
+    scalars = _scalar_key(sur, params)
+    if scalars is not None:  # the common case: scalar parameters, validated once per distinct value
+        cast_params = _scalar_params(sur.name, dtype_name, scalars)
+    else:
+        cast_params = _validate_params(sur, params, dt, dtype_name)
     arrays: list[tuple[str, np.ndarray]] = [("x", xa)]
-    cast_params: dict[str, np.ndarray] = {}
-    for p in sur.params:
-        v = _cast(p.name, params.get(p.name, p.default), dt, dtype_name)
-        ok = p.constraint.ok(v)
-        if not np.all(ok):
-            bad = v[~ok].flat[0] if v.ndim else v.item()
-            raise JobError(p.name, f"must be {p.constraint.text}, got {_show(bad)}" + _cast_note(params.get(p.name), v, dtype_name))
-        cast_params[p.name] = v
-        arrays.append((p.name, v))
-    for check in sur.checks:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            val = np.asarray(check.value(*(cast_params[f] for f in check.fields)))
-        if not np.isfinite(val).all():
-            raise JobError(
-                check.fields[0],
-                f"{check.text} is not representable in {dtype_name} for these values; use a wider dtype",
-                code="not_representable",
-            )
+    arrays += [(p.name, cast_params[p.name]) for p in sur.params]
     ct = None
     if cotangent is not None:
         if op != "vjp":
@@ -183,6 +172,51 @@ def make_job(
             code="too_large",
         )
     return Job(op, surrogate, dtype_name, xa, cast_params, ct, shape)
+
+
+def _validate_params(sur: _registry.Surrogate, params: Mapping[str, Any], dt: np.dtype, dtype_name: str) -> dict[str, np.ndarray]:
+    cast_params: dict[str, np.ndarray] = {}
+    for p in sur.params:
+        v = _cast(p.name, params.get(p.name, p.default), dt, dtype_name)
+        ok = p.constraint.ok(v)
+        if not np.all(ok):
+            bad = v[~ok].flat[0] if v.ndim else v.item()
+            raise JobError(p.name, f"must be {p.constraint.text}, got {_show(bad)}" + _cast_note(params.get(p.name), v, dtype_name))
+        cast_params[p.name] = v
+    for check in sur.checks:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            val = np.asarray(check.value(*(cast_params[f] for f in check.fields)))
+        if not np.isfinite(val).all():
+            raise JobError(
+                check.fields[0],
+                f"{check.text} is not representable in {dtype_name} for these values; use a wider dtype",
+                code="not_representable",
+            )
+    return cast_params
+
+
+def _scalar_key(sur: _registry.Surrogate, params: Mapping[str, Any]) -> tuple[float, ...] | None:
+    """The parameters as a tuple of Python floats when every one is a plain scalar, else None."""
+    out = []
+    for p in sur.params:
+        v = params.get(p.name, p.default)
+        if type(v) is float or type(v) is int:
+            out.append(float(v))
+        elif isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "if" and v.dtype.itemsize >= 4:
+            out.append(float(v))
+        else:
+            return None
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scalar_params(name: str, dtype_name: str, values: tuple[float, ...]) -> dict[str, np.ndarray]:
+    sur = _registry.get(name)
+    dt = resolve_dtype(dtype_name)[1]
+    cast = _validate_params(sur, dict(zip(sur.param_names, values)), dt, dtype_name)
+    for v in cast.values():
+        v.flags.writeable = False  # shared between jobs
+    return cast
 
 
 def _show(v: Any) -> str:
