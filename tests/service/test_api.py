@@ -221,3 +221,43 @@ async def test_readiness_waits_for_warm_up():
             info = (await c.get("/v1/info")).json()
             # warm-up compiled spike/grad/vjp/fun for the buckets 1024 and 2048
             assert info["ready"] and info["compilations"] == 8
+
+
+async def test_list_mixing_surrogates_is_answered_in_order(client):
+    jobs = [
+        {"x": [0.0], "surrogate": "sigmoid"},
+        {"x": [0.0]},
+        {"x": [0.0], "surrogate": "arctan", "alpha": 2.0},
+        {"x": [0.5], "surrogate": "piecewise_leaky_relu", "c": 0.01, "w": 1.0},
+        {"x": [0.0], "surrogate": "gaussian_grad"},
+        {"x": [0.0], "surrogate": "sigmoid", "alpha": 1.0},
+    ]
+    r = await post(client, "/v1/grad", jobs)
+    got = [b["grad"][0] for b in r.json()]
+    assert [b["surrogate"] for b in r.json()] == [j.get("surrogate", "piecewise_quadratic") for j in jobs]
+    # hand-computed: sigmoid alpha*s*(1-s) at 0 = alpha/4; PQ alpha; arctan alpha/2/(1+0) = 1;
+    # piecewise_leaky_relu 1/(2w) inside |x| <= w; gaussian alpha/(sigma*sqrt(2 pi))
+    assert got[:4] == [1.0, 1.0, 1.0, 0.5]
+    assert got[4] == pytest.approx(0.5 / (0.5 * np.sqrt(2 * np.pi)), rel=1e-6)
+    assert got[5] == 0.25
+
+
+async def test_every_registered_surrogate_is_listed_and_served(client):
+    listing = (await client.get("/v1/surrogates")).json()["surrogates"]
+    assert len(listing) == 18 and {s["name"] for s in listing} == set(sc.names())
+    for s in listing:
+        assert s["parameters"] and all({"name", "default", "constraint", "description"} <= set(p) for p in s["parameters"])
+        r = await post(client, "/v1/grad", {"x": [-0.5, 0.0, 0.5], "surrogate": s["name"]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["grad"], sc.grad([-0.5, 0.0, 0.5], surrogate=s["name"]), rtol=1e-6)
+        r = await post(client, "/v1/fun", {"x": [0.5], "surrogate": s["name"]})
+        if s["has_fun"]:
+            assert r.status_code == 200
+        else:
+            assert r.status_code == 422 and r.json()["error"]["code"] == "no_smooth_function"
+
+
+async def test_parameters_of_another_surrogate_are_refused(client):
+    r = await post(client, "/v1/grad", {"x": [0.5], "surrogate": "piecewise_leaky_relu", "alpha": 1.0})
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["field"] == "alpha" and "c, w" in err["message"]

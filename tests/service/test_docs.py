@@ -18,3 +18,10 @@ def test_readme_configuration_table_lists_every_setting():
     for name, field in Settings.model_fields.items():
         row = f"| `SURROGATE_{name.upper()}` | `{field.default}` |"
         assert row in README, f"README lacks {row}"
+
+
+def test_readme_lists_every_surrogate():
+    import surrogate_core as sc
+
+    for name in sc.names():
+        assert f"| `{name}` | `{sc.get(name).braintools_name}` |" in README
