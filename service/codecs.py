@@ -94,12 +94,20 @@ def _no_duplicate_keys(body: bytes, jobs: list[dict[str, Any]]) -> None:
     form occurs once per job that has it. Only when the counts disagree (or the body has escapes) is
     the body re-parsed with a pairs hook to find the duplicate exactly.
     """
-    counts: dict[str, int] = {}
+    counts: dict[bytes, int] = {}
     for d in jobs:
         for k in d:
-            counts[k] = counts.get(k, 0) + 1
-    if b"\\" not in body and all(body.count(b'"' + k.encode() + b'"') == n for k, n in counts.items()):
-        return
+            kb = k.encode()
+            counts[kb] = counts.get(kb, 0) + 1
+    if b"\\" not in body:
+        strings = _quoted_strings(body, 64 * len(jobs) + 64)
+        if strings is not None:
+            seen: dict[bytes, int] = {}
+            for t in strings:
+                if t in counts:
+                    seen[t] = seen.get(t, 0) + 1
+            if seen == counts:
+                return
 
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
@@ -115,8 +123,38 @@ def _no_duplicate_keys(body: bytes, jobs: list[dict[str, Any]]) -> None:
 
 
 def has_literals(body: bytes) -> bool:
-    """Whether the raw body holds a token that NumPy would silently turn into a number."""
-    return b"true" in body or b"false" in body or b"null" in body
+    """Whether the raw body may hold ``true`` or ``false``, which NumPy would turn into 1.0 and 0.0.
+
+    (``null`` needs no scan: NumPy makes an object array of it, which the careful walk catches.)
+    Numbers contain neither ``t`` nor ``f``, so only their few occurrences (in keys and enum strings)
+    are looked at, each found by memchr; a body with very many is simply walked carefully.
+    """
+    for letter, word in ((b"t", b"true"), (b"f", b"false")):
+        i = body.find(letter)
+        seen = 0
+        while i != -1:
+            if body.startswith(word, i):
+                return True
+            seen += 1
+            if seen > 10_000:
+                return True
+            i = body.find(letter, i + 1)
+    return False
+
+
+def _quoted_strings(body: bytes, limit: int) -> list[bytes] | None:
+    """Every double-quoted string of a body without escapes, found by memchr; None past ``limit``."""
+    out = []
+    i = body.find(b'"')
+    while i != -1:
+        j = body.find(b'"', i + 1)
+        if j == -1:
+            break
+        out.append(body[i + 1:j])
+        if len(out) > limit:
+            return None
+        i = body.find(b'"', j + 1)
+    return out
 
 
 def _kind(v: Any) -> str:
