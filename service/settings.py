@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         False, description="Emit OpenTelemetry traces and metrics (FastAPI's native telemetry) when a provider is configured."
     )
     access_log: bool = Field(False, description="Log every request (uvicorn's access log); /metrics counts them anyway.")
+
+    @field_validator("api_token", "api_token_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        # SURROGATE_API_TOKEN= (empty, as compose writes an unset ${VAR}) means no token
+        return None if isinstance(v, str) and not v.strip() else v
 
     @model_validator(mode="after")
     def _tokens_are_usable(self) -> "Settings":

@@ -294,3 +294,10 @@ async def test_json_with_charset_is_fine():
     async with App() as a:
         r = await a.client.post("/v1/spike", content=b'{"x": [1]}', headers={"content-type": "application/json; charset=utf-8"})
         assert r.status_code == 200
+
+
+def test_an_empty_token_means_no_token(monkeypatch):
+    monkeypatch.setenv("SURROGATE_API_TOKEN", "")
+    monkeypatch.setenv("SURROGATE_API_TOKEN_FILE", " ")
+    s = Settings()
+    assert s.api_token is None and s.api_token_file is None and s.tokens() == []
