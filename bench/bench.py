@@ -232,18 +232,21 @@ async def _load(port: int, path: str, body: bytes, ctype: str, clients: int, sec
     import aiohttp
 
     lat: list[float] = []
-    errors = 0
+    errors = shed = 0
     stop = time.monotonic() + seconds
     url = f"http://127.0.0.1:{port}{path}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def client() -> None:
-            nonlocal errors
+            nonlocal errors, shed
             while time.monotonic() < stop:
                 t0 = time.perf_counter()
                 try:
                     async with session.post(url, data=body, headers={"content-type": ctype}) as r:
                         await r.read()
+                        if r.status == 503:  # refused at once by the queue or concurrency limit
+                            shed += 1
+                            continue
                         if r.status != 200:
                             errors += 1
                             continue
@@ -257,7 +260,8 @@ async def _load(port: int, path: str, body: bytes, ctype: str, clients: int, sec
         elapsed = time.monotonic() - t0
     lat.sort()
     return {"rps": len(lat) / elapsed, "p50_s": lat[len(lat) // 2] if lat else None,
-            "p99_s": lat[int(0.99 * (len(lat) - 1))] if lat else None, "errors": errors, "requests": len(lat)}
+            "p99_s": lat[int(0.99 * (len(lat) - 1))] if lat else None, "errors": errors, "shed_503": shed,
+            "requests": len(lat)}
 
 
 def _device_calls(port: int) -> tuple[float, float]:
@@ -283,7 +287,7 @@ def bench_concurrency(svc: int, floor: int, quick: bool) -> tuple[list[list], di
                 dreq = after[1] - before[1]
                 per = f"{(after[0] - before[0]) / dreq:.2f}" if dreq else ""
                 r["device_calls_per_request"] = per
-            rows.append([clients, label, f"{r['rps']:,.0f}", fmt_ms(r["p50_s"]), fmt_ms(r["p99_s"]), r["errors"], per])
+            rows.append([clients, label, f"{r['rps']:,.0f}", fmt_ms(r["p50_s"]), fmt_ms(r["p99_s"]), r["shed_503"], r["errors"], per])
             data[f"{clients}/{label}"] = r
     return rows, data
 
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                    ["elements", "baseline JSON ms", "service JSON ms", "speed-up", "service .npy ms", "speed-up"], base_rows))
         rows, results["concurrency"] = bench_concurrency(sp, fp, args.quick)
         emit(table("5. Concurrency (aiohttp clients, fixed time each)",
-                   ["clients", "endpoint", "requests/s", "p50 ms", "p99 ms", "errors", "device calls / request"], rows))
+                   ["clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors", "device calls / request"], rows))
     rows, results["compilation"] = bench_compilation(args.quick)
     emit(table("6. Compilation: requests of distinct random lengths in [1, 1,000,000] (.npy)",
                ["pass", "requests", "compiled grad/float32 variants", "p50 ms", "p99 ms", "p99/p50"], rows))

@@ -20,7 +20,7 @@ from numpy.lib import format as npformat
 
 from .errors import ApiError
 
-__all__ = ["NPY", "NPZ", "decode_npy", "decode_npz", "encode_npy", "ACCEPTED_KINDS"]
+__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "NpyResponse", "decode_npy", "decode_npz", "encode_npy"]
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -128,15 +128,39 @@ def decode_npz(body: bytes, *, max_rank: int, max_elements: int) -> dict[str, np
     return out
 
 
-def encode_npy(a: np.ndarray) -> bytes:
-    """``a`` as a ``.npy`` file (bfloat16 is widened, exactly, to float32)."""
-    if a.dtype.name == "bfloat16":
+def _npy_parts(a: np.ndarray) -> tuple[bytes, bytes]:
+    if a.dtype.kind != "f":  # bfloat16 is widened, exactly, to float32
         a = a.astype(np.float32)
     a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray makes 0-d arrays 1-d
     header = {"descr": npformat.dtype_to_descr(a.dtype), "fortran_order": False, "shape": a.shape}
     buf = io.BytesIO()
     npformat.write_array_header_1_0(buf, header) if _fits_v1(header) else npformat.write_array_header_2_0(buf, header)
-    return buf.getvalue() + a.tobytes()
+    return buf.getvalue(), a.tobytes()
+
+
+def encode_npy(a: np.ndarray) -> bytes:
+    """``a`` as a ``.npy`` file (bfloat16 is widened, exactly, to float32)."""
+    header, data = _npy_parts(a)
+    return header + data
+
+
+class NpyResponse:
+    """An ASGI response with ``a`` as a ``.npy`` file, sent as two body chunks (header, data) so
+    the data is not copied once more to be joined to its header."""
+
+    def __init__(self, a: np.ndarray, headers: dict[str, str]) -> None:
+        self.header, self.data = _npy_parts(a)
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        length = len(self.header) + len(self.data)
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", NPY.encode()), (b"content-length", str(length).encode()), *self.headers],
+        })
+        await send({"type": "http.response.body", "body": self.header, "more_body": True})
+        await send({"type": "http.response.body", "body": self.data, "more_body": False})
 
 
 def _fits_v1(header: dict[str, Any]) -> bool:

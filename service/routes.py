@@ -11,7 +11,7 @@ from starlette.responses import Response
 import surrogate_core as core
 
 from . import __version__
-from .binary import NPY, NPZ, encode_npy
+from .binary import NPY, NPZ, NpyResponse
 from .codecs import (
     accepts_npy,
     all_finite,
@@ -106,9 +106,7 @@ async def compute(endpoint: str, request: Request, rt: Runtime) -> Response:
         job, res = jobs[0], results[0]
         if overflowed(job, res):
             raise _overflow(0, job)
-        return Response(
-            encode_npy(res), media_type=NPY, headers={"X-Surrogate-Dtype": job.dtype, "X-Surrogate-Name": job.surrogate}
-        )
+        return NpyResponse(res, {"X-Surrogate-Dtype": job.dtype, "X-Surrogate-Name": job.surrogate})  # type: ignore[return-value]
     out: list[dict[str, Any]] = []
     for i, (job, res) in enumerate(zip(jobs, results)):
         if not all_finite(res):

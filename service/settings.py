@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     max_rank: int = Field(8, ge=0, le=32, description="Largest rank (number of dimensions) of any array.")
     max_jobs: int = Field(1024, ge=1, description="Largest number of jobs in one list request.")
     min_bucket: int = Field(
-        1024, ge=1, description="Smallest padded size (a power of two); sizes are padded to powers of two above it."
+        1024, ge=1, description="Smallest padded size (a power of two); larger sizes are padded to the next power of two or 1.5 times one."
     )
     warmup: bool = Field(True, description="Compile the default surrogate and dtype at start; /readyz is 503 until done.")
     warmup_max_elements: int = Field(
