@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -91,7 +91,8 @@ class ServiceMiddleware:
                 self.in_flight -= 1
                 metrics.in_flight.dec()
         finally:
-            metrics.observe_request(endpoint, status["code"], time.perf_counter() - t0)
+            code = 499 if scope.get("state", {}).get("disconnected") else status["code"]
+            metrics.observe_request(endpoint, code, time.perf_counter() - t0)
 
     async def _compute(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
         from .routes import compute  # the routes module imports this one's names
@@ -103,6 +104,10 @@ class ServiceMiddleware:
             response = await compute(endpoint, request, self.rt)
         except ApiError as exc:
             response = error_response(exc)
+        except ClientDisconnect:  # gone mid-upload: nothing to answer; counted as 499 (as nginx does)
+            self.rt.metrics.rejections.labels("client_disconnect").inc()
+            scope.setdefault("state", {})["disconnected"] = True
+            return
         except Exception:
             log.exception("unhandled error on POST %s", scope["path"])
             response = error_response(ApiError(500, "internal error; the server log has the details"))
