@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
         # Workers are spawned processes that each build the app from the environment.
         import os
 
-        for k, v in settings.model_dump().items():
+        # The rest of the settings already come from the environment, which the workers inherit.
+        for k, v in overrides.items():
             os.environ[f"SURROGATE_{k.upper()}"] = str(v)
         uvicorn.run(
             "service.app:create_app",

@@ -56,6 +56,9 @@ def _warm_up(rt: Runtime) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    if not logging.getLogger().handlers:  # a spawned worker process: nothing configured logging yet
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("jax").setLevel(logging.WARNING)
     engine = core.Engine(min_bucket=1 << max(0, (settings.min_bucket - 1).bit_length()))
     batcher = Batcher(
         engine,
