@@ -308,6 +308,24 @@ def bench_concurrency(svc: int, floor: int, quick: bool) -> tuple[list[list], di
     return rows, data
 
 
+def bench_workers(quick: bool) -> tuple[list[list], dict]:
+    """The same load against `--workers 2` (each worker its own process and JAX runtime)."""
+    seconds = 1.5 if quick else 4.0
+    port = free_port()
+    rows, data = [], {}
+    b16 = orjson.dumps({"x": np.linspace(-2, 2, 16).tolist(), "alpha": 1.0})
+    b1k = orjson.dumps({"x": np.linspace(-2, 2, 1000).tolist(), "alpha": 1.0})
+    with server([sys.executable, "-m", "service", "--port", str(port), "--workers", "2"], port, "/readyz",
+                {"SURROGATE_LOG_LEVEL": "warning"}):
+        time.sleep(3)  # /readyz answered by one worker; give the other its warm-up too
+        for clients in [8, 32]:
+            for label, body in [("/v1/grad 16", b16), ("/v1/grad 1k", b1k)]:
+                r = asyncio.run(_load(port, "/v1/grad", body, JSON, clients, seconds))
+                rows.append([2, clients, label, f"{r['rps']:,.0f}", fmt_ms(r["p50_s"]), fmt_ms(r["p99_s"]), r["shed_503"], r["errors"]])
+                data[f"{clients}/{label}"] = r
+    return rows, data
+
+
 # -- 6. compilation ----------------------------------------------------------------------------
 
 def bench_compilation(quick: bool) -> tuple[list[list], dict]:
@@ -386,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, results["concurrency"] = bench_concurrency(sp, fp, args.quick)
         emit(table("5. Concurrency (aiohttp clients, fixed time each)",
                    ["clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors", "device calls / request"], rows))
+    rows, results["workers"] = bench_workers(args.quick)
+    emit(table("5b. Workers: the same load against `--workers 2`",
+               ["workers", "clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors"], rows))
     rows, results["compilation"] = bench_compilation(args.quick)
     emit(table("6. Compilation: requests of distinct random lengths in [1, 1,000,000] (.npy)",
                ["pass", "requests", "compiled grad/float32 variants", "p50 ms", "p99 ms", "p99/p50"], rows))

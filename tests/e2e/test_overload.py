@@ -107,3 +107,15 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0():
             np.testing.assert_allclose(np.load(io.BytesIO(content)), want, rtol=2e-6, atol=1e-6)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base}/healthz", timeout=2)
+
+
+def test_two_workers_serve_and_stop_cleanly():
+    with running_server(workers=2) as (base, proc):
+        with httpx.Client(base_url=base) as c:
+            for i in range(20):
+                r = c.post("/v1/grad", json={"x": [0.5, 0.25], "alpha": 1.0})
+                assert r.json()["grad"] == [0.5, 0.75]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert out.count("computing on") == 2, out[-3000:]
+        assert "Traceback" not in out
