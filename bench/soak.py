@@ -26,6 +26,7 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from liveserver import rss_bytes  # noqa: E402
 
 NPY, NPZ, JSON = "application/x-npy", "application/x-npz", "application/json"
 
@@ -127,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     def run(base: str, pid: int | None) -> dict:
         if args.warmup:
             asyncio.run(soak(base, args.warmup, args.clients, seed=1))
-        rss0 = _rss(pid) if pid else None
+        rss0 = rss_bytes(pid) if pid else None
         t0 = time.monotonic()
         report = asyncio.run(soak(base, args.duration, args.clients))
         report["seconds"] = round(time.monotonic() - t0, 1)
         report["clients"] = args.clients
         report["requests_per_s"] = round(report["requests"] / report["seconds"], 1)
         if pid:
-            rss1 = _rss(pid)
+            rss1 = rss_bytes(pid)
             report["rss_start_mb"] = round(rss0 / 2**20, 1)
             report["rss_end_mb"] = round(rss1 / 2**20, 1)
             report["rss_growth"] = round(rss1 / rss0 - 1, 4)
@@ -155,14 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(text)
     failed = report["unexpected_count"] > 0 or report.get("rss_growth", 0) > args.max_growth
     return 1 if failed else 0
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 if __name__ == "__main__":

@@ -26,30 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("jax").setLevel(logging.WARNING)
-    if settings.workers > 1:
-        # Workers are spawned processes that each build the app from the environment.
-        import os
-
-        # The rest of the settings already come from the environment, which the workers inherit.
-        for k, v in overrides.items():
-            os.environ[f"SURROGATE_{k.upper()}"] = str(v)
-        uvicorn.run(
-            "service.app:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_level=settings.log_level,
-            loop="auto",
-            http="auto",
-            timeout_graceful_shutdown=settings.graceful_timeout,
-            access_log=settings.access_log,
-        )
-        return
-    from .app import create_app
-
-    config = uvicorn.Config(
-        create_app(settings),
+    options = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -58,7 +35,18 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=settings.graceful_timeout,
         access_log=settings.access_log,
     )
-    _GracefulServer(config).run()
+    if settings.workers > 1:
+        # Workers are spawned processes that each build the app from the environment.
+        import os
+
+        # The rest of the settings already come from the environment, which the workers inherit.
+        for k, v in overrides.items():
+            os.environ[f"SURROGATE_{k.upper()}"] = str(v)
+        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **options)
+        return
+    from .app import create_app
+
+    _GracefulServer(uvicorn.Config(create_app(settings), **options)).run()
 
 
 class _GracefulServer(uvicorn.Server):

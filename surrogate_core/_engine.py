@@ -12,7 +12,6 @@ and a new alpha never compiles anything.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import _formulas, _registry

@@ -48,6 +48,17 @@ def running_server(**settings):
             proc.stdout.close()
 
 
+def npy(a) -> bytes:
+    """``a`` as the bytes of a ``.npy`` file."""
+    import io
+
+    import numpy as np
+
+    b = io.BytesIO()
+    np.save(b, a)
+    return b.getvalue()
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

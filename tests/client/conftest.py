@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -29,52 +24,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """``python -m service`` on a free loopback port, ready; its base URL."""
-    port = free_port()
-    env = dict(
-        os.environ,
-        SURROGATE_PORT=str(port),
-        SURROGATE_HOST="127.0.0.1",
-        SURROGATE_WARMUP_MAX_ELEMENTS="4096",
-        SURROGATE_LOG_LEVEL="warning",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        with httpx.Client(base_url=base, timeout=5) as c:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not become ready within 90 s")
-                time.sleep(0.1)
+    from liveserver import running_server
+
+    with running_server(log_level="warning") as (base, _proc):
         yield base
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import surrogate_client as scl
 
 import reference as ref
 
-from .conftest import free_port
+from liveserver import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -12,16 +12,11 @@ import httpx
 import numpy as np
 import pytest
 
-from liveserver import rss_bytes, running_server
+from liveserver import npy, rss_bytes, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NPY = "application/x-npy"
 
-
-def npy(a):
-    b = io.BytesIO()
-    np.save(b, a)
-    return b.getvalue()
 
 
 def test_a_thousand_distinct_lengths_compile_a_bounded_number_of_variants():

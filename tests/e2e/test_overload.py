@@ -14,17 +14,12 @@ import httpx
 import numpy as np
 import pytest
 
-from liveserver import running_server
+from liveserver import npy, running_server
 
 pytestmark = pytest.mark.e2e
 
 NPY = "application/x-npy"
 
-
-def npy(a):
-    b = io.BytesIO()
-    np.save(b, a)
-    return b.getvalue()
 
 
 def test_overload_sheds_with_503_and_recovers():
