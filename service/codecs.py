@@ -176,6 +176,10 @@ def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.nd
 
     Raises ``ValueError`` with a message that points at the offending element (``x[1][2]: ...``).
     """
+    if isinstance(value, np.ndarray):  # decoded by the simdjson fast path: float64, rectangular
+        if value.ndim > max_rank:
+            raise ValueError(f"{field}: rank {value.ndim} exceeds the limit of {max_rank}")
+        return value
     if isinstance(value, bool) or value is None or not isinstance(value, (int, float, list)):
         raise ValueError(f"{field}: expected a number or a nested list of numbers, got {_kind(value)}")
     if not isinstance(value, list):

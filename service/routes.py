@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 import surrogate_core as core
 
-from . import __version__
+from . import __version__, fastjson
 from .binary import NPY, NPZ, NpyResponse
 from .codecs import (
     accepts_npy,
@@ -69,11 +69,13 @@ async def compute(endpoint: str, request: Request, rt: Runtime) -> Response:
                 field=key,
                 code="unknown_field",
             )
-        docs, single = parse_json(body)
+        careful = has_literals(body)
+        fast = None if careful else fastjson.decode(body, max_rank=s.max_rank)
+        docs, single = fast if fast is not None else parse_json(body)
         jobs = jobs_from_json(
             docs,
             endpoint,
-            careful=has_literals(body),
+            careful=careful,
             max_rank=s.max_rank,
             max_elements=s.max_elements,
             max_jobs=s.max_jobs,
