@@ -137,37 +137,40 @@ def _overflow(i: int, job: core.Job) -> ApiError:
     )
 
 
-@compute_router.post(
-    "/spike",
-    summary="Spikes: the Heaviside step of x",
-    description="1 where x >= 0 (also at x = 0 and x = -0.0), else 0, in the job's dtype. The body is one job "
-    "or a list of jobs; a list is answered in order, computed in one fused device call per dtype.",
-    operation_id="spike",
-)
-async def spike(request: Request, rt: RuntimeDep) -> Response:
-    return await compute("spike", request, rt)
+#: The compute endpoints: name -> (summary, description). Declared here for the contract; requests
+#: are answered by the middleware's fast path with the same handler, ``compute``.
+COMPUTE_ENDPOINTS = {
+    "spike": (
+        "Spikes: the Heaviside step of x",
+        "1 where x >= 0 (also at x = 0 and x = -0.0), else 0, in the job's dtype. The body is one job "
+        "or a list of jobs; a list is answered in order, computed in one fused device call per dtype.",
+    ),
+    "grad": (
+        "Surrogate gradient g'(x), or the vector-Jacobian product c * g'(x)",
+        "The surrogate gradient of the chosen surrogate with its parameters (braintools' names and "
+        "defaults). With `cotangent` c the result is c * g'(x). Parameters and cotangent broadcast against x.",
+    ),
+    "fun": (
+        "The smooth surrogate function g(x)",
+        "braintools' `surrogate_fun`: the smooth function whose derivative is the surrogate gradient, "
+        "for plotting. Gradient-only surrogates answer 422 (code `no_smooth_function`).",
+    ),
+}
 
 
-@compute_router.post(
-    "/grad",
-    summary="Surrogate gradient g'(x), or the vector-Jacobian product c * g'(x)",
-    description="The surrogate gradient of the chosen surrogate with its parameters (braintools' names and "
-    "defaults). With `cotangent` c the result is c * g'(x). Parameters and cotangent broadcast against x.",
-    operation_id="grad",
-)
-async def grad(request: Request, rt: RuntimeDep) -> Response:
-    return await compute("grad", request, rt)
+def _compute_route(endpoint: str):
+    async def route(request: Request, rt: RuntimeDep) -> Response:
+        return await compute(endpoint, request, rt)
+
+    route.__name__ = endpoint
+    return route
 
 
-@compute_router.post(
-    "/fun",
-    summary="The smooth surrogate function g(x)",
-    description="braintools' `surrogate_fun`: the smooth function whose derivative is the surrogate gradient, "
-    "for plotting. Gradient-only surrogates answer 422 (code `no_smooth_function`).",
-    operation_id="fun",
-)
-async def fun(request: Request, rt: RuntimeDep) -> Response:
-    return await compute("fun", request, rt)
+for _name, (_summary, _description) in COMPUTE_ENDPOINTS.items():
+    compute_router.add_api_route(
+        f"/{_name}", _compute_route(_name), methods=["POST"], summary=_summary, description=_description,
+        operation_id=_name,
+    )
 
 
 @meta_router.get("/surrogates", response_model=SurrogateList, summary="All surrogates with their parameters")
