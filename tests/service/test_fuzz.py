@@ -1,8 +1,11 @@
 """Fuzzing from the contract: schemathesis generates requests from openapi.yaml and sends them to
-the live app in-process; no response may be a 5xx, and every response must conform to the schema."""
+the live app in-process; no response may be a 5xx, and every response must conform to the schema.
+
+``SURROGATE_FUZZ_EXAMPLES`` sets the examples per operation (40 by default; a deeper run: 500)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import schemathesis
@@ -26,7 +29,8 @@ schema.app = app
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("SURROGATE_FUZZ_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_contract_fuzz(case):
     case.call_and_validate(
         checks=[
