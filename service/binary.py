@@ -20,7 +20,7 @@ from numpy.lib import format as npformat
 
 from .errors import ApiError
 
-__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "NpyResponse", "decode_npy", "decode_npz", "encode_npy"]
+__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "BytesResponse", "NpyResponse", "decode_npy", "decode_npz", "encode_npy"]
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -142,6 +142,19 @@ def encode_npy(a: np.ndarray) -> bytes:
     """``a`` as a ``.npy`` file (bfloat16 is widened, exactly, to float32)."""
     header, data = _npy_parts(a)
     return header + data
+
+
+class BytesResponse:
+    """A minimal ASGI response of one body (Starlette's Response does header bookkeeping that a
+    fixed content type and length do not need)."""
+
+    def __init__(self, body: bytes, media_type: str) -> None:
+        self.body = body
+        self.headers = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class NpyResponse:

@@ -62,6 +62,7 @@ class Metrics:
         r.register(_EngineCollector(engine, depth))
 
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._element_children: dict[str, Any] = {}
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """Count one request (label children are cached: labels() costs more than the increment)."""
@@ -72,6 +73,12 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def count_elements(self, endpoint: str, n: int) -> None:
+        child = self._element_children.get(endpoint)
+        if child is None:
+            child = self._element_children[endpoint] = self.elements.labels(endpoint)
+        child.inc(n)
 
     def on_batch(self, requests: int, elements: int, seconds: float) -> None:
         self.batch_requests.observe(requests)

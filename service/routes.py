@@ -11,7 +11,7 @@ from starlette.responses import Response
 import surrogate_core as core
 
 from . import __version__, fastjson
-from .binary import NPY, NPZ, NpyResponse
+from .binary import NPY, NPZ, BytesResponse, NpyResponse
 from .codecs import (
     accepts_npy,
     all_finite,
@@ -103,7 +103,7 @@ async def compute(endpoint: str, request: Request, rt: Runtime) -> Response:
             ) from None
         raise ApiError(500, "the computation failed for this batch; the server log has the details",
                        code="device_error") from None
-    rt.metrics.elements.labels(endpoint).inc(sum(j.size for j in jobs))
+    rt.metrics.count_elements(endpoint, sum(j.size for j in jobs))
     if want_npy:
         job, res = jobs[0], results[0]
         if overflowed(job, res):
@@ -123,7 +123,7 @@ async def compute(endpoint: str, request: Request, rt: Runtime) -> Response:
                 code="not_representable",
             )
         out.append(result_dict(endpoint, job.surrogate, job.dtype, res))
-    return Response(encode_json(out[0] if single else out), media_type=JSON)
+    return BytesResponse(encode_json(out[0] if single else out), JSON)  # type: ignore[return-value]
 
 
 def _overflow(i: int, job: core.Job) -> ApiError:
