@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(meta_router)
     app.include_router(health_router)
     app.include_router(metrics_router)
-    app.add_middleware(ServiceMiddleware, runtime=rt, fastapi_app=app)
+    app.add_middleware(ServiceMiddleware, runtime=rt)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -85,27 +85,17 @@ class Batcher:
             raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         elements = sum(j.size for j in jobs)
-        now = loop.time()
-        if (
-            not self._pending
-            and self._in_flight == 0
-            and elements <= self.offload_elements
-            and now - self._last_flush >= self.max_delay
-        ):
-            # Idle: nothing to gather with and nothing recent, so answer at once, inline (no future,
-            # no extra turn of the event loop). Under load requests take the gathering path below.
-            self._last_flush = now
+        if not self._pending and elements <= self.offload_elements and self._idle(loop):
+            # Nothing to gather with and nothing recent: answer at once, inline (no future, no extra
+            # turn of the event loop). Under load requests take the gathering path below.
+            self._last_flush = loop.time()
             t0 = time.perf_counter()
             try:
                 results = self.engine.run(jobs)
             except Exception as exc:  # noqa: BLE001
-                self.stats.failures += 1
-                log.error("device call failed for a batch of 1 request: %r", exc)
+                self._count_failure(1, exc)
                 raise DeviceError(exc) from exc
-            self.stats.batches += 1
-            self.stats.requests += 1
-            if self.on_batch is not None:
-                self.on_batch(1, elements, time.perf_counter() - t0)
+            self._count_batch(1, elements, time.perf_counter() - t0)
             return results
         item = _Item(jobs, elements, loop.create_future())
         self._waiting += 1
@@ -118,14 +108,27 @@ class Batcher:
                 if self._pending_elements >= self.max_batch_elements:
                     self._flush()
                 elif self._handle is None:
-                    idle = self._in_flight == 0 and (loop.time() - self._last_flush) >= self.max_delay
-                    if idle or self.max_delay <= 0:
+                    if self.max_delay <= 0 or self._idle(loop):
                         self._handle = loop.call_soon(self._flush)
                     else:
                         self._handle = loop.call_later(self.max_delay, self._flush)
             return await item.future
         finally:
             self._waiting -= 1
+
+    def _idle(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """No batch computing in a thread and none dispatched within the last ``max_delay``."""
+        return self._in_flight == 0 and loop.time() - self._last_flush >= self.max_delay
+
+    def _count_batch(self, requests: int, elements: int, seconds: float) -> None:
+        self.stats.batches += 1
+        self.stats.requests += requests
+        if self.on_batch is not None:
+            self.on_batch(requests, elements, seconds)
+
+    def _count_failure(self, requests: int, exc: Exception) -> None:
+        self.stats.failures += 1
+        log.error("device call failed for a batch of %d request(s): %r", requests, exc)
 
     def _flush(self) -> None:
         if self._handle is not None:
@@ -166,10 +169,7 @@ class Batcher:
             self._in_flight -= 1
 
     def _deliver(self, items: list[_Item], results: list[np.ndarray], total: int, seconds: float) -> None:
-        self.stats.batches += 1
-        self.stats.requests += len(items)
-        if self.on_batch is not None:
-            self.on_batch(len(items), total, seconds)
+        self._count_batch(len(items), total, seconds)
         o = 0
         for it in items:
             k = len(it.jobs)
@@ -178,8 +178,7 @@ class Batcher:
             o += k
 
     def _fail(self, items: list[_Item], exc: Exception) -> None:
-        self.stats.failures += 1
-        log.error("device call failed for a batch of %d request(s): %r", len(items), exc)
+        self._count_failure(len(items), exc)
         for it in items:
             if not it.future.done():
                 it.future.set_exception(DeviceError(exc))

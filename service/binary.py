@@ -1,4 +1,4 @@
-"""Safe ``.npy`` / ``.npz`` decoding and ``.npy`` encoding.
+"""Safe ``.npy`` / ``.npz`` decoding and ``.npy`` answers.
 
 Nothing here calls ``np.load``: headers are parsed with ``numpy.lib.format``'s header readers, the
 dtype must be a plain floating type (no objects, no structured or void types, so nothing can be
@@ -20,7 +20,7 @@ from numpy.lib import format as npformat
 
 from .errors import ApiError
 
-__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "BytesResponse", "NpyResponse", "decode_npy", "decode_npz", "encode_npy"]
+__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "BytesResponse", "NpyResponse", "decode_npy", "decode_npz"]
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -137,11 +137,6 @@ def _npy_parts(a: np.ndarray) -> tuple[bytes, bytes]:
     npformat.write_array_header_1_0(buf, header) if _fits_v1(header) else npformat.write_array_header_2_0(buf, header)
     return buf.getvalue(), a.tobytes()
 
-
-def encode_npy(a: np.ndarray) -> bytes:
-    """``a`` as a ``.npy`` file (bfloat16 is widened, exactly, to float32)."""
-    header, data = _npy_parts(a)
-    return header + data
 
 
 class BytesResponse:

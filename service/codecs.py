@@ -273,12 +273,13 @@ def result_dict(op_key: str, surrogate: str, dtype: str, arr: np.ndarray) -> dic
     return {"surrogate": surrogate, "dtype": dtype, "shape": list(arr.shape), op_key: _for_json(arr)}
 
 
+def _isfinite(a: np.ndarray) -> np.ndarray:
+    # bfloat16 (ml_dtypes) is not a NumPy float kind: widen it (exactly) to float32 first
+    return np.isfinite(a if a.dtype.kind == "f" else a.astype(np.float32))
+
+
 def all_finite(a: np.ndarray) -> bool:
-    if a.size == 0:
-        return True
-    if a.dtype.kind != "f":  # bfloat16 (ml_dtypes) is not a NumPy float kind
-        a = a.astype(np.float32)
-    return bool(np.isfinite(a).all())
+    return a.size == 0 or bool(_isfinite(a).all())
 
 
 
@@ -311,20 +312,41 @@ def jobs_from_json(
     return jobs
 
 
+def _fail(i: int, field: str | None, message: str, code: str = "invalid_value") -> ApiError:
+    """A 422 for job ``i`` whose message names the job and the field."""
+    where = f"job {i}, field {field!r}" if field else f"job {i}"
+    return ApiError(422, f"{where}: {message}", job=i, field=field, code=code)
+
+
+def _surrogate(i: int, name: str) -> core.Surrogate:
+    try:
+        return core.get(name)
+    except KeyError as exc:
+        raise _fail(i, "surrogate", exc.args[0], "unknown_surrogate") from None
+
+
+def _make_job(
+    i: int, endpoint: str, x: Any, ct: Any, params: dict[str, np.ndarray], surrogate: str, dtype: str | None,
+    limits: core.Limits,
+) -> core.Job:
+    """The job for ``endpoint`` (``/v1/grad`` with a cotangent is the vjp), its errors as 422s."""
+    op = {"spike": "spike", "fun": "fun", "grad": "vjp" if ct is not None else "grad"}[endpoint]
+    try:
+        return core.make_job(op, x, surrogate=surrogate, dtype=dtype, params=params, cotangent=ct, limits=limits)
+    except core.JobError as exc:
+        raise _fail(i, exc.field, exc.message, exc.code) from None
+
+
 def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool, limits: core.Limits) -> core.Job:
     def fail(field: str | None, message: str, code: str = "invalid_value") -> ApiError:
-        where = f"job {i}, field {field!r}" if field else f"job {i}"
-        return ApiError(422, f"{where}: {message}", job=i, field=field, code=code)
+        return _fail(i, field, message, code)
 
     if "x" not in doc:
         raise fail("x", "is required", "missing_field")
     surrogate = doc.get("surrogate", core.DEFAULT_SURROGATE)
     if not isinstance(surrogate, str):
         raise fail("surrogate", f"must be a string, got {_kind(surrogate)}", "invalid_type")
-    try:
-        sur = core.get(surrogate)
-    except KeyError as exc:
-        raise fail("surrogate", exc.args[0], "unknown_surrogate") from None
+    sur = _surrogate(i, surrogate)
     dtype = doc.get("dtype", core.DEFAULT_DTYPE)
     if not isinstance(dtype, str) or dtype not in core.DTYPES:
         raise fail("dtype", f"unknown dtype {dtype!r}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
@@ -333,10 +355,8 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
     for key, value in doc.items():
         if key == "surrogate" or key == "dtype":
             continue
-        if key == "cotangent" and endpoint != "grad":
-            raise fail(key, f"only /v1/grad takes a cotangent; /v1/{endpoint} does not", "unknown_field")
-        if key != "x" and key != "cotangent" and key not in sur.param_names:
-            raise fail(key, unknown_param_message(key, sur), "unknown_field")
+        if (key == "cotangent" and endpoint != "grad") or (key not in ("x", "cotangent") and key not in sur.param_names):
+            raise fail(key, _unknown(key, sur, endpoint), "unknown_field")
         try:
             arr = json_array(value, key, careful=careful, max_rank=limits.max_rank)
         except ValueError as exc:
@@ -347,11 +367,7 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
             ct = arr
         else:
             params[key] = arr
-    op = {"spike": "spike", "fun": "fun", "grad": "vjp" if ct is not None else "grad"}[endpoint]
-    try:
-        return core.make_job(op, x, surrogate=surrogate, dtype=dtype, params=params, cotangent=ct, limits=limits)
-    except core.JobError as exc:
-        raise fail(exc.field, exc.message, exc.code) from None
+    return _make_job(i, endpoint, x, ct, params, surrogate, dtype, limits)
 
 
 def job_from_binary(
@@ -362,8 +378,7 @@ def job_from_binary(
     from .binary import NPY, decode_npy, decode_npz
 
     def fail(field: str | None, message: str, code: str = "invalid_value") -> ApiError:
-        where = f"job 0, field {field!r}" if field else "job 0"
-        return ApiError(422, f"{where}: {message}", job=0, field=field, code=code)
+        return _fail(0, field, message, code)
 
     seen: set[str] = set()
     for key, _ in query.multi_items():
@@ -372,10 +387,7 @@ def job_from_binary(
         seen.add(key)
     q = dict(query)
     surrogate = q.pop("surrogate", core.DEFAULT_SURROGATE)
-    try:
-        sur = core.get(surrogate)
-    except KeyError as exc:
-        raise fail("surrogate", exc.args[0], "unknown_surrogate") from None
+    sur = _surrogate(0, surrogate)
     dtype = q.pop("dtype", None)
     if dtype is not None and dtype not in core.DTYPES:
         raise fail("dtype", f"unknown dtype {dtype!r}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
@@ -401,14 +413,7 @@ def job_from_binary(
         arrays[key] = np.asarray(float(raw))
     x = arrays.pop("x")
     ct = arrays.pop("cotangent", None)
-    op = {"spike": "spike", "fun": "fun", "grad": "vjp" if ct is not None else "grad"}[endpoint]
-    try:
-        return core.make_job(
-            op, x, surrogate=surrogate, dtype=dtype, params=arrays, cotangent=ct,
-            limits=core.Limits(max_rank=max_rank, max_elements=max_elements),
-        )
-    except core.JobError as exc:
-        raise fail(exc.field, exc.message, exc.code) from None
+    return _make_job(0, endpoint, x, ct, arrays, surrogate, dtype, core.Limits(max_rank=max_rank, max_elements=max_elements))
 
 
 # A JSON-style number, plus nan/inf spellings (refused later by the constraints, with a clear message)
@@ -448,5 +453,5 @@ def overflowed(job: core.Job, result: np.ndarray) -> bool:
     finite = np.ones(result.shape, bool)
     for a in (job.x, job.cotangent, *job.params.values()):
         if a is not None:
-            finite &= np.isfinite(a.astype(np.float32) if a.dtype.name == "bfloat16" else a)
-    return bool((~np.isfinite(result.astype(np.float32) if result.dtype.name == "bfloat16" else result) & finite).any())
+            finite &= _isfinite(a)
+    return bool((~_isfinite(result) & finite).any())

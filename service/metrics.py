@@ -61,24 +61,22 @@ class Metrics:
         self.device_failures = Counter("surrogate_device_failures", "Engine calls that failed.", registry=r)
         r.register(_EngineCollector(engine, depth))
 
-        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._element_children: dict[str, Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: labels() costs more than the increment itself."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        """Count one request (label children are cached: labels() costs more than the increment)."""
-        key = (endpoint, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self._child(self.requests, endpoint, str(status)).inc()
+        self._child(self.latency, endpoint).observe(seconds)
 
     def count_elements(self, endpoint: str, n: int) -> None:
-        child = self._element_children.get(endpoint)
-        if child is None:
-            child = self._element_children[endpoint] = self.elements.labels(endpoint)
-        child.inc(n)
+        self._child(self.elements, endpoint).inc(n)
 
     def on_batch(self, requests: int, elements: int, seconds: float) -> None:
         self.batch_requests.observe(requests)

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, error_response
+from .routes import compute
 from .security import check_token
 
 __all__ = ["ServiceMiddleware", "COMPUTE_PATHS"]
@@ -31,10 +32,9 @@ KNOWN_PATHS = COMPUTE_PATHS | {"/v1/surrogates", "/v1/info", "/healthz", "/ready
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, runtime: Any, fastapi_app: Any = None) -> None:
+    def __init__(self, app: ASGIApp, runtime: Any) -> None:
         self.app = app
         self.rt = runtime
-        self.fastapi_app = fastapi_app
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -95,9 +95,6 @@ class ServiceMiddleware:
             metrics.observe_request(endpoint, code, time.perf_counter() - t0)
 
     async def _compute(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
-        from .routes import compute  # the routes module imports this one's names
-
-        scope.setdefault("app", self.fastapi_app)
         request = Request(scope, receive)
         try:
             check_token(self.rt.token_digests, request.headers.get("authorization"))

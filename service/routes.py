@@ -49,15 +49,11 @@ metrics_router = APIRouter(tags=["metadata"], dependencies=AUTH)
 JSON = "application/json"
 
 
-def _wants_npy(request: Request) -> bool:
-    return accepts_npy(request.headers.get("accept"))
-
-
 async def compute(endpoint: str, request: Request, rt: Runtime) -> Response:
     """Answer one compute request (called by the middleware's fast path and by the routes)."""
     s = rt.settings
     media_type = check_media_type(request, (JSON, NPY, NPZ))
-    want_npy = _wants_npy(request)
+    want_npy = accepts_npy(request.headers.get("accept"))
     body = await read_body(request, s.max_body_bytes)
     request.state.body_done = True
     if media_type == JSON:

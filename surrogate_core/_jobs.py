@@ -200,7 +200,7 @@ def _scalar_key(sur: _registry.Surrogate, params: Mapping[str, Any]) -> tuple[fl
     out = []
     for p in sur.params:
         v = params.get(p.name, p.default)
-        if type(v) is float or type(v) is int:
+        if type(v) is float or (type(v) is int and abs(v) <= 2**53):  # ints exactly representable
             out.append(float(v))
         elif isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "if" and v.dtype.itemsize >= 4:
             out.append(float(v))
