@@ -19,6 +19,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind (`make serve` and `python -m service`).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
+    root_path: str = Field(
+        "", description="The path prefix a proxy strips before forwarding (e.g. `/api`); named in the contract's `servers`."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service and the core."
     )
@@ -69,6 +72,14 @@ class Settings(BaseSettings):
         False, description="Emit OpenTelemetry traces and metrics (FastAPI's native telemetry) when a provider is configured."
     )
     access_log: bool = Field(False, description="Log every request (uvicorn's access log); /metrics counts them anyway.")
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if v and not v.startswith("/"):
+            raise ValueError("SURROGATE_ROOT_PATH must start with '/' (e.g. /api)")
+        return v
 
     @field_validator("api_token", "api_token_file", mode="before")
     @classmethod
