@@ -1,12 +1,13 @@
 # surrogate-serve: `make serve` and `make test` are all a fresh machine needs.
 PYTHON ?= python3
 VENV   ?= .venv
-HOST   ?= 127.0.0.1
-PORT   ?= 8000
+# make serve binds HOST:PORT: `make serve PORT=9000`, or the service's own SURROGATE_HOST / SURROGATE_PORT.
+HOST   ?= $(or $(SURROGATE_HOST),127.0.0.1)
+PORT   ?= $(or $(SURROGATE_PORT),8000)
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench openapi lint test-container clean
+.PHONY: install serve test test-fast bench openapi lint docs test-container clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +38,17 @@ bench: $(STAMP)
 openapi: $(STAMP)
 	$(BIN)/python -m service.contract > openapi.yaml
 
+# Static checks of the packages (configured in pyproject.toml); not part of `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check surrogate_core service surrogate_client/src/surrogate_client tests/docs
+	$(BIN)/mypy surrogate_core service surrogate_client/src/surrogate_client
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or nav entry fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 test-container:
 	bash scripts/test-container.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis .ruff_cache .mypy_cache

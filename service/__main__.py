@@ -6,8 +6,11 @@ import logging
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 import uvicorn
+
+import surrogate_core
 
 from .settings import Settings
 
@@ -42,11 +45,20 @@ def main(argv: list[str] | None = None) -> None:
         # The rest of the settings already come from the environment, which the workers inherit.
         for k, v in overrides.items():
             os.environ[f"SURROGATE_{k.upper()}"] = str(v)
-        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **options)
+        uvicorn.run("service.__main__:create_worker_app", factory=True, workers=settings.workers, **options)
         return
     from .app import create_app
 
+    surrogate_core.configure_for_serving()
     _GracefulServer(uvicorn.Config(create_app(settings), **options)).run()
+
+
+def create_worker_app() -> Any:
+    """The app of one ``--workers`` process (uvicorn's factory): serving set-up, then the app."""
+    from .app import create_app
+
+    surrogate_core.configure_for_serving()
+    return create_app(Settings())
 
 
 class _GracefulServer(uvicorn.Server):

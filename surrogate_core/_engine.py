@@ -34,6 +34,17 @@ log = logging.getLogger("surrogate_core.engine")
 Key = tuple[str, str, str, int, tuple[bool, ...]]
 
 
+def _x64() -> Any:
+    """JAX's x64 mode for the current thread only.
+
+    Every variant is lowered and compiled under it (so float64 variants exist at all, and the others
+    are compiled exactly as before), and float64 variants are also called under it: an executable
+    compiled with x64 refuses float64 arguments outside it. The global ``jax_enable_x64`` setting of
+    the process is never changed.
+    """
+    return jax.enable_x64(True)
+
+
 def device_info() -> dict[str, Any]:
     """The device the core computes on (JAX's default device: a GPU when JAX sees one)."""
     d = jax.devices()[0]
@@ -113,7 +124,8 @@ class Engine:
             specs = [jax.ShapeDtypeStruct((bucket,), dt)]
             specs += [jax.ShapeDtypeStruct((bucket,) if full else (), dt) for full in layout]
             t0 = time.perf_counter()
-            exe = jax.jit(_kernel(op, sur)).lower(*specs).compile()
+            with _x64():
+                exe = jax.jit(_kernel(op, sur)).lower(*specs).compile()
             dt_s = time.perf_counter() - t0
             with self._lock:
                 self._compiled[key] = exe
@@ -218,7 +230,11 @@ class Engine:
             else:
                 args.append(np.asarray(extras[0][k], dt).reshape(()))
         exe = self._executable(self._key(op, sname, dtype, bucket, layout_t))
-        result = np.asarray(exe(*args))
+        if dtype == "float64":
+            with _x64():
+                result = np.asarray(exe(*args))
+        else:
+            result = np.asarray(exe(*args))
         with self._lock:
             self.stats.device_calls += 1
             self.stats.elements += total

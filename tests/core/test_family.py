@@ -340,8 +340,10 @@ def test_s2nn_grad_ignores_epsilon_like_braintools():
     b = sc.grad(x, surrogate="s2nn", epsilon=0.5, dtype="float64")
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(a, 1 / (x + 1), rtol=1e-15)
-    p = {"alpha": jnp.float64(4.0), "beta": jnp.float64(1.0), "epsilon": jnp.float64(0.5)}
-    np.testing.assert_allclose(np.asarray(_autodiff("s2nn")(jnp.asarray(x), p)), 1 / (x + 1.5), rtol=1e-12)
+    with jax.enable_x64(True):  # the autodiff reference in float64, for this thread only
+        p = {"alpha": jnp.float64(4.0), "beta": jnp.float64(1.0), "epsilon": jnp.float64(0.5)}
+        auto = np.asarray(_autodiff("s2nn")(jnp.asarray(x), p))
+    np.testing.assert_allclose(auto, 1 / (x + 1.5), rtol=1e-12)
 
 
 @settings(max_examples=12, deadline=None)
@@ -435,7 +437,8 @@ def test_grad_is_the_derivative_of_fun(name):
         xs = np.linspace(-3.3, 3.3, 331) + 1.234e-4
         for k in [0.0] + kinks(name, p):  # the derivative is one-sided at the kinks
             xs = xs[np.abs(np.abs(xs) - k) > 1e-6]
-        auto = np.asarray(_autodiff(name)(jnp.asarray(xs), {k: jnp.float64(v) for k, v in p.items()}))
+        with jax.enable_x64(True):  # the autodiff reference in float64, for this thread only
+            auto = np.asarray(_autodiff(name)(jnp.asarray(xs), {k: jnp.float64(v) for k, v in p.items()}))
         got = sc.grad(xs, surrogate=name, dtype="float64", **p)
         assert np.isfinite(auto).all()
         # braintools' S2NN grad ignores epsilon, its fun does not: d fun/dx = beta/(x + 1 + eps)

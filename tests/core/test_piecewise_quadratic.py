@@ -93,9 +93,11 @@ def test_vjp_is_cotangent_times_grad(x, c, alpha):
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_grad_equals_autodiff_of_smooth_function(alpha):
     # away from the kinks at 0 and +-1/alpha, where the derivative is one-sided
-    xs = jnp.linspace(-3.0, 3.0, 601, dtype=jnp.float64) + 1.234e-4
-    xs = xs[jnp.abs(jnp.abs(xs) - 1 / alpha) > 1e-6]
-    auto = jax.vmap(jax.grad(lambda v: F.piecewise_quadratic_fun(v, alpha)))(xs)
+    with jax.enable_x64(True):  # the autodiff reference in float64, for this thread only
+        xs = jnp.linspace(-3.0, 3.0, 601, dtype=jnp.float64) + 1.234e-4
+        xs = xs[jnp.abs(jnp.abs(xs) - 1 / alpha) > 1e-6]
+        auto = jax.vmap(jax.grad(lambda v: F.piecewise_quadratic_fun(v, alpha)))(xs)
+        assert auto.dtype == jnp.float64
     got = sc.grad(np.asarray(xs), alpha=alpha, dtype="float64")
     np.testing.assert_allclose(got, np.asarray(auto), rtol=1e-12, atol=1e-12)
 

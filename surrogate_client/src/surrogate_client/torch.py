@@ -1,0 +1,133 @@
+"""PyTorch spike functions whose backward pass is computed by a surrogate-serve server.
+
+>>> import snntorch as snn                                              # doctest: +SKIP
+>>> from surrogate_client import SurrogateClient
+>>> from surrogate_client.torch import spike_function
+>>> client = SurrogateClient("http://127.0.0.1:8000")
+>>> lif = snn.Leaky(beta=0.9, spike_grad=spike_function(client, "sigmoid", alpha=4.0))
+
+The forward pass is the spike ``H(x) = 1 where x >= 0 else 0`` (exact, computed locally, in x's
+dtype, on x's device). The backward pass sends ``x`` and the incoming gradient to ``/v1/grad`` in
+one binary request and returns ``grad_output * g'(x)``, on x's device and in x's dtype.
+
+This module imports PyTorch; ``import surrogate_client`` alone does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._client import SurrogateClient
+
+__all__ = ["SpikeFunction", "spike_function"]
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "float16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a NumPy array on the host (bfloat16 widened exactly to float32)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _param(value: Any) -> Any:
+    """A parameter as the client takes it: tensors as host arrays, anything else as it is."""
+    return _host(value) if isinstance(value, torch.Tensor) else value
+
+
+def _validated(client: SurrogateClient, surrogate: str, params: Mapping[str, Any]) -> None:
+    """Let the service check the surrogate and its parameters: :class:`~surrogate_client.NotFound`
+    for an unknown surrogate, :class:`~surrogate_client.ValidationError` for an unknown parameter
+    or a value outside its constraint (the service's own checks and messages)."""
+    client.surrogate(surrogate)
+    client.grad(0.0, surrogate=surrogate, dtype="float64", **params)
+
+
+class _ServedSpike(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fn: SpikeFunction) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.fn = fn
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (x,) = ctx.saved_tensors
+        return ctx.fn.vjp(x, grad_output), None
+
+
+class SpikeFunction:
+    """``H(x)`` forward, ``grad_output * g'(x)`` from the service backward; see :func:`spike_function`."""
+
+    def __init__(self, client: SurrogateClient, surrogate: str, params: Mapping[str, Any]) -> None:
+        self.client = client
+        self.surrogate = surrogate
+        self.params = {name: _param(value) for name, value in params.items()}
+        _validated(client, surrogate, self.params)
+        self._param_shapes = [np.shape(v) for v in self.params.values()]
+
+    def __repr__(self) -> str:
+        args = "".join(f", {k}={v!r}" if np.ndim(v) == 0 else f", {k}=<array {np.shape(v)}>"
+                       for k, v in self.params.items())
+        return f"spike_function({self.client.base_url!r}, {self.surrogate!r}{args})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPE_NAMES:
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"expected a float16, bfloat16, float32 or float64 tensor, got {got}")
+        shape = tuple(x.shape)
+        try:
+            broadcast = np.broadcast_shapes(shape, *self._param_shapes)
+        except ValueError:
+            broadcast = None
+        if broadcast != shape:
+            raise ValueError(
+                f"the parameters (shapes {self._param_shapes}) must broadcast against x (shape {shape}) "
+                "without enlarging it"
+            )
+        return _ServedSpike.apply(x, self)
+
+    def vjp(self, x: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
+        """``cotangent * g'(x)`` from one ``/v1/grad`` request, on x's device and in x's dtype."""
+        if cotangent.numel() > 1 and not any(cotangent.stride()):  # an expanded scalar: send one number
+            ct: Any = _host(cotangent.reshape(-1)[:1]).reshape(())
+        else:
+            ct = _host(cotangent)
+        out = self.client.grad(
+            _host(x), cotangent=ct, surrogate=self.surrogate, dtype=_DTYPE_NAMES[x.dtype], **self.params
+        )
+        if out.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 has no torch equivalent in NumPy
+            out = out.astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(out).reshape(x.shape)).to(device=x.device, dtype=x.dtype)
+
+
+def spike_function(client: SurrogateClient, surrogate: str = "piecewise_quadratic", **params: Any) -> SpikeFunction:
+    """A spike function for PyTorch (and snnTorch's ``spike_grad``) whose gradient is served.
+
+    - forward: ``1`` where ``x >= 0`` (also at 0 and -0.0), else ``0``, in x's dtype and device;
+    - backward: ``grad_output * g'(x)``, one ``/v1/grad`` request per call (x and the incoming
+      gradient in one binary body), on x's device and in x's dtype (float16, bfloat16, float32,
+      float64).
+
+    ``params`` are the surrogate's parameters by braintools' names (``alpha=2.0``): numbers, or
+    arrays or tensors that broadcast against x (sent as arrays). They are checked by the service
+    now: an unknown ``surrogate`` raises :class:`~surrogate_client.NotFound`, an unknown parameter
+    or a value outside its constraint :class:`~surrogate_client.ValidationError`. A failure of the
+    service during a backward pass raises the client's exception
+    (:class:`~surrogate_client.SurrogateError` and its subclasses).
+    """
+    return SpikeFunction(client, surrogate, params)
