@@ -66,7 +66,7 @@ class Service:
         self.state = SimpleNamespace(runtime=rt)
         self.endpoints = table()
         self.router = Router(self.endpoints)
-        self.root_path = settings.root_path.rstrip("/")
+        self.root_path = settings.root_path or ""
         self._openapi: dict[str, Any] | None = None
         self._warmup: asyncio.Task | None = None
 

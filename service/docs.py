@@ -81,7 +81,7 @@ def build_openapi(endpoints: list[Any], settings: Settings) -> dict[str, Any]:
                 responses["200"] = {"description": "OK", "content": _json(_ref(ep.doc["model"]))}
             elif "text" in ep.doc:
                 responses["200"] = {"description": ep.doc["text"], "content": {"text/plain": {"schema": {"type": "string"}}}}
-            for code in ("404", "503"):
+            for code in ("400", "404", "503"):
                 if code in ep.doc:
                     responses[code] = _error(ep.doc[code], ep.protocol)
                     if code == "503":
@@ -92,7 +92,7 @@ def build_openapi(endpoints: list[Any], settings: Settings) -> dict[str, Any]:
         if params:
             op["parameters"] = params + op.get("parameters", [])
         if ep.auth:
-            op["security"] = [{"bearerAuth": []}, {}]
+            op["security"] = [{"bearerAuth": []}]
             op["responses"]["401"] = _error(
                 "Missing or wrong bearer token (only when the server has a token configured).", ep.protocol
             )
@@ -119,7 +119,7 @@ def build_openapi(endpoints: list[Any], settings: Settings) -> dict[str, Any]:
         },
     }
     if settings.root_path:
-        doc["servers"] = [{"url": settings.root_path.rstrip("/") or "/"}]
+        doc["servers"] = [{"url": settings.root_path}]
     return doc
 
 
@@ -255,7 +255,7 @@ def _assets() -> Path:
 
 
 async def swagger_ui(call: Call, rt: Runtime) -> Response:
-    root = (call.scope.get("root_path") or rt.settings.root_path).rstrip("/")
+    root = (rt.settings.root_path or call.scope.get("root_path") or "").rstrip("/")
     html = get_swagger_ui_html(
         openapi_url=f"{root}/openapi.json",
         title="surrogate-serve - Swagger UI",

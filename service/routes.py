@@ -113,7 +113,7 @@ def table() -> list[Endpoint]:
                  "Readiness (503 while warming up)", auth=False, doc={"model": "V2Ready", "503": "Warming up"}),
         Endpoint("POST", "/v2/repository/index", v2.repository_index, "v2", "v2_repository_index",
                  "open inference protocol", "Every model (surrogate) and its state",
-                 doc={"model": "V2RepositoryIndex", "body": "V2RepositoryIndexRequest"}),
+                 doc={"model": "V2RepositoryIndex", "body": "V2RepositoryIndexRequest", "400": "Malformed body"}),
     ]
     for suffix, version in (("", None), ("/versions/{version}", "version")):
         base = "/v2/models/{model}" + suffix

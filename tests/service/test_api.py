@@ -194,10 +194,16 @@ async def test_info_reports_device_and_versions(client):
 
 
 async def test_unknown_route_and_method_use_the_error_model(client):
-    r = await client.get("/v2/nothing")
+    r = await client.get("/v3/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = await client.get("/v1/grad")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"
+    # under /v2 the same in the Open Inference Protocol's shape
+    r = await client.get("/v2/nothing")
+    assert r.status_code == 404 and r.json() == {"error": "no route /v2/nothing; see /docs or /openapi.json"}
+    r = await client.get("/v2/models/sigmoid/infer")
+    assert r.status_code == 405 and "allowed: POST" in r.json()["error"]
 
 
 async def test_readiness_waits_for_warm_up():
