@@ -349,7 +349,7 @@ def _encode(call: Call, req: dict[str, Any], sur: core.Surrogate, outputs: list[
         if binary:
             data = np.ascontiguousarray(res, dtype=_WIRE[job.dtype])
             out["parameters"] = {"binary_data_size": data.nbytes}
-            chunks.append(memoryview(data).cast("B"))
+            chunks.append(data.reshape(-1).view(np.uint8).data)
         else:
             if job.dtype == "bfloat16":
                 raise _bad(f"output {name!r}: BF16 tensors travel only as binary data; set parameters.binary_data", name)
