@@ -1,4 +1,4 @@
-"""The Makefile: `make serve` binds where it is told, and `make test` does not run the linters."""
+"""The Makefile (`make serve` binds where it is told, `make test` runs no linter) and the strict documentation build."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,14 @@ def test_lint_and_docs_targets():
     assert "ruff check" in lint
     assert "mypy" in lint
     assert "mkdocs build --strict" in dry_run("docs")
+
+
+def test_documentation_site_builds_strict(tmp_path):
+    """`mkdocs build --strict` (what `make docs` runs): a broken link, anchor or nav entry fails it."""
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    r = subprocess.run(
+        [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "site" / "api" / "index.html").is_file()
