@@ -7,7 +7,7 @@ PORT   ?= $(or $(SURROGATE_PORT),8000)
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench openapi lint docs test-container clean
+.PHONY: install serve test test-fast bench openapi lint docs notebook test-container clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ lint: $(STAMP)
 # The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or nav entry fails.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Re-executes examples/quickstart.ipynb against the server at SURROGATE_URL (default: a `make serve`
+# on 127.0.0.1:8000) and saves it with its outputs (review the diff before committing).
+notebook: $(STAMP)
+	$(BIN)/python tests/client/test_notebook.py
 
 test-container:
 	bash scripts/test-container.sh

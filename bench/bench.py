@@ -1,31 +1,40 @@
 """`make bench`: where the time goes, measured in one run.
 
 Starts the real service (`python -m service`, the same settings as `make serve`), a transport floor
-(bare ASGI echo and constant endpoints on the same uvicorn stack) and a straightforward FastAPI +
-Pydantic baseline, each on a loopback port, and prints one table per section; every figure is a
-median of repeated runs and every comparison a ratio measured in this run. The tables, the targets
-and the machine's description go to ``bench/results/`` (Markdown and JSON).
+(bare ASGI echo, constant and JSON-codec endpoints on the same uvicorn stack), a straightforward
+FastAPI + Pydantic baseline and the model servers a user would pick instead (KServe's Python model
+server and Seldon MLServer, each serving the same jitted formula over the Open Inference Protocol),
+each on a loopback port, and prints one table per section; every figure is a median of repeated
+runs and every comparison a ratio measured in this run. The tables, the targets and the machine's
+description go to ``bench/results/`` (Markdown and JSON).
 
-    python bench/bench.py [--quick] [--out bench/results]
+The peers run in virtual environments of their own, ``bench/.venvs/<name>``, created on first use
+from the pins in ``bench/peers/<name>-requirements.txt`` (a few minutes once; their pins conflict
+with the service's). A peer that cannot be installed or started is reported as skipped.
+
+    python bench/bench.py [--quick] [--no-peers | --peers-only] [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import io
 import json
 import os
 import platform
 import random
 import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from http.client import HTTPConnection
+from http.client import HTTPConnection, RemoteDisconnected
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +42,11 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 NPY, JSON = "application/x-npy", "application/json"
+PEERS_DIR = ROOT / "bench" / "peers"
+VENVS = ROOT / "bench" / ".venvs"
+V2_MODEL = "piecewise_quadratic"
+V2_INFER = f"/v2/models/{V2_MODEL}/infer"
+IHCL = "Inference-Header-Content-Length"  # the binary tensor extension's JSON header length
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -45,12 +59,18 @@ def free_port() -> int:
 
 @contextmanager
 def server(cmd: list[str], port: int, ready_path: str, env: dict[str, str] | None = None):
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty server must never block on a full one
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+
+    def tail() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")[-2000:]
+
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd} exited: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{cmd} exited: {tail()}")
             try:
                 c = HTTPConnection("127.0.0.1", port, timeout=5)
                 c.request("GET", ready_path)
@@ -61,7 +81,7 @@ def server(cmd: list[str], port: int, ready_path: str, env: dict[str, str] | Non
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd} did not become ready")
+                raise RuntimeError(f"{cmd} did not become ready: {tail()}")
             time.sleep(0.2)
         yield proc
     finally:
@@ -70,13 +90,54 @@ def server(cmd: list[str], port: int, ready_path: str, env: dict[str, str] | Non
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        proc.stderr.close()
+            proc.wait()
+        log.close()
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
     b = io.BytesIO()
     np.save(b, a)
     return b.getvalue()
+
+
+def grad_reference(x: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """NumPy transcription of the piecewise-quadratic gradient: alpha - alpha^2 |x| where |x| <= 1/alpha, else 0."""
+    a = np.float32(alpha)
+    ax = np.abs(x)
+    return np.where(ax <= 1 / a, a - a * a * ax, 0).astype(np.float32)
+
+
+def v2_request(x: np.ndarray, *, binary: bool = False, alpha: float = 1.0) -> tuple[bytes, dict[str, str]]:
+    """An Open Inference Protocol (v2) infer request for input ``x`` (FP32) and the scalar ``alpha``:
+    JSON tensors, or the binary tensor extension (a JSON header, then the raw little-endian bytes,
+    the output asked in binary too). The same bytes go to the service and to the peers."""
+    tensor: dict = {"name": "x", "shape": list(x.shape), "datatype": "FP32"}
+    req: dict = {"inputs": [tensor], "parameters": {"alpha": alpha}}
+    if not binary:
+        tensor["data"] = np.ascontiguousarray(x, np.float32)
+        return orjson.dumps(req, option=orjson.OPT_SERIALIZE_NUMPY), {"content-type": JSON}
+    raw = np.ascontiguousarray(x, "<f4").tobytes()
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    req["outputs"] = [{"name": "grad", "parameters": {"binary_data": True}}]
+    header = orjson.dumps(req)
+    return header + raw, {"content-type": "application/octet-stream", IHCL: str(len(header))}
+
+
+def v2_output(body: bytes, header_length: str | None, name: str = "grad") -> np.ndarray:
+    """The named FP32 output of a v2 infer answer, JSON or binary."""
+    n = int(header_length) if header_length is not None else len(body)
+    meta = orjson.loads(body[:n])
+    offset = n
+    for out in meta["outputs"]:
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if out["name"] == name:
+            if out.get("datatype", "FP32") != "FP32":
+                raise ValueError(f"output {name!r} is {out.get('datatype')}, not FP32")
+            if size is not None:
+                return np.frombuffer(body[offset:offset + size], "<f4").reshape(out["shape"])
+            return np.asarray(out["data"], np.float32).reshape(out["shape"])
+        offset += size or 0
+    raise ValueError(f"no output {name!r} in {[o.get('name') for o in meta['outputs']]}")
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -106,23 +167,42 @@ def paired_medians(fns: list, repeats: int, warmup: int = 2) -> list[float]:
 
 
 class Http:
-    """A kept-alive http.client connection: the thinnest sequential client."""
+    """A kept-alive http.client connection: the thinnest sequential client. A connection the server
+    closed while idle (keep-alive timeout, or after an error) is reopened once and the request sent again."""
 
     def __init__(self, port: int) -> None:
         self.conn = HTTPConnection("127.0.0.1", port, timeout=120)
 
+    def _call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None):
+        for attempt in (0, 1):
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                r = self.conn.getresponse()
+                return r, r.read()
+            except (BrokenPipeError, ConnectionResetError, RemoteDisconnected):
+                self.conn.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
     def post(self, path: str, body: bytes, ctype: str, accept: str = JSON) -> bytes:
-        self.conn.request("POST", path, body=body, headers={"content-type": ctype, "accept": accept})
-        r = self.conn.getresponse()
-        data = r.read()
+        r, data = self._call("POST", path, body, {"content-type": ctype, "accept": accept})
         if r.status != 200:
             raise RuntimeError(f"POST {path}: {r.status} {data[:300]!r}")
         return data
 
     def get(self, path: str) -> bytes:
-        self.conn.request("GET", path)
-        r = self.conn.getresponse()
-        return r.read()
+        return self._call("GET", path)[1]
+
+    def status(self, path: str) -> int:
+        return self._call("GET", path)[0].status
+
+    def post_v2(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[bytes, str | None]:
+        """POST an Open Inference Protocol request: the answer and its binary header length, if any."""
+        r, data = self._call("POST", path, body, headers)
+        if r.status != 200:
+            raise RuntimeError(f"POST {path}: {r.status} {data[:300]!r}")
+        return data, r.getheader(IHCL)
 
 
 def repeats_for(n: int, quick: bool) -> int:
@@ -214,15 +294,21 @@ def bench_sequential(svc: int, floor: int, naive: int, quick: bool) -> tuple[lis
     rng = np.random.default_rng(1)
     s, f, nv = Http(svc), Http(floor), Http(naive)
     b16 = orjson.dumps({"x": np.linspace(-2, 2, 16).tolist(), "alpha": 1.0})
-    t_const, t_16 = paired_medians([lambda: f.post("/const", b16, JSON), lambda: s.post("/v1/grad", b16, JSON)],
-                                   repeats_for(16, quick))
-    rows, base_rows, data = [], [], {"const_s": t_const, "grad16_paired_s": t_16}
+    b1k = orjson.dumps({"x": np.linspace(-2, 2, 1000).tolist(), "alpha": 1.0})
+    s16 = orjson.dumps({"x": np.linspace(-2, 2, 16).tolist()})
+    s1k = orjson.dumps({"x": np.linspace(-2, 2, 1000).tolist()})
+    t_const, t_16, t_s16, t_1k, t_s1k = paired_medians(
+        [lambda: f.post("/const", b16, JSON), lambda: s.post("/v1/grad", b16, JSON), lambda: s.post("/v1/spike", s16, JSON),
+         lambda: s.post("/v1/grad", b1k, JSON), lambda: s.post("/v1/spike", s1k, JSON)], repeats_for(16, quick))
+    rows, base_rows, data = [], [], {"const_s": t_const, "grad16_paired_s": t_16, "spike16_paired_s": t_s16,
+                                     "grad1k_paired_s": t_1k, "spike1k_paired_s": t_s1k}
     for n in [16, 1_000, 100_000, 1_000_000]:
         x = rng.uniform(-2, 2, n).astype(np.float32)
         jbody = orjson.dumps({"x": x, "alpha": 1.0}, option=orjson.OPT_SERIALIZE_NUMPY)
         nbody = npy_bytes(x)
         reps = repeats_for(n, quick)
-        t_json, t_echo_json = paired_medians([lambda: s.post("/v1/grad", jbody, JSON), lambda: f.post("/echo", jbody, JSON)], reps)
+        t_json, t_echo_json, t_codec = paired_medians(
+            [lambda: s.post("/v1/grad", jbody, JSON), lambda: f.post("/echo", jbody, JSON), lambda: f.post("/json", jbody, JSON)], reps)
         t_npy, t_echo_npy = paired_medians(
             [lambda: s.post("/v1/grad?alpha=1.0", nbody, NPY, NPY), lambda: f.post("/echo", nbody, NPY)], reps
         )
@@ -230,14 +316,18 @@ def bench_sequential(svc: int, floor: int, naive: int, quick: bool) -> tuple[lis
         gj = np.asarray(orjson.loads(s.post("/v1/grad", jbody, JSON))["grad"], np.float32)
         gn = np.load(io.BytesIO(s.post("/v1/grad?alpha=1.0", nbody, NPY, NPY)))
         assert np.array_equal(gj, gn)
+        np.testing.assert_allclose(gj, grad_reference(x), rtol=1e-6, atol=1e-6)
+        codec = np.asarray(orjson.loads(f.post("/json", jbody, JSON))["y"], np.float32)
+        assert np.array_equal(codec, x)  # the codec floor moves every number
         naive_reps = max(3, reps // 4)
         t_naive = median_time(lambda: nv.post("/v1/grad", jbody, JSON), naive_reps, warmup=1)
         rows.append([
             f"{n:,}", fmt_ms(t_json), fmt_ms(t_echo_json), f"{t_json / t_echo_json:.2f}",
-            fmt_ms(t_npy), fmt_ms(t_echo_npy), f"{t_npy / t_echo_npy:.2f}", f"{t_json / t_npy:.1f}",
+            fmt_ms(t_codec), f"{t_json / t_codec:.2f}", fmt_ms(t_npy), fmt_ms(t_echo_npy), f"{t_npy / t_echo_npy:.2f}", f"{t_json / t_npy:.1f}",
         ])
         base_rows.append([f"{n:,}", fmt_ms(t_naive), fmt_ms(t_json), f"{t_naive / t_json:.1f}", fmt_ms(t_npy), f"{t_naive / t_npy:.0f}"])
-        data[n] = {"json_s": t_json, "npy_s": t_npy, "echo_json_s": t_echo_json, "echo_npy_s": t_echo_npy, "naive_s": t_naive,
+        data[n] = {"json_s": t_json, "npy_s": t_npy, "echo_json_s": t_echo_json, "codec_json_s": t_codec,
+                   "echo_npy_s": t_echo_npy, "naive_s": t_naive,
                    "json_bytes": len(jbody), "npy_bytes": len(nbody)}
     return rows, base_rows, data
 
@@ -364,11 +454,188 @@ def bench_compilation(quick: bool) -> tuple[list[list], dict]:
                   "warm_p50_s": p(warm, 0.5), "warm_p99_s": p(warm, 0.99), "cold_p99_s": p(cold, 0.99)}
 
 
+# -- 7. Open Inference Protocol (/v2) and peer model servers ------------------------------------
+
+PEERS = {  # name -> label; each serves the same jitted formula on /v2/models/piecewise_quadratic/infer
+    "kserve": "KServe",
+    "mlserver": "MLServer",
+}
+PEER_SIZES = [16, 1_000, 100_000, 1_000_000]
+
+
+def _pip_error(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    useful = errors or [ln for ln in lines if not ln.startswith("WARNING")]
+    return (useful[-1] if useful else "no output")[:200]
+
+
+def peer_venv(name: str) -> tuple[Path | None, str]:
+    """The peer's virtual environment, created and installed from its pins on first use (and again
+    when the pins change): its path, or None and the reason it could not be had."""
+    req = PEERS_DIR / f"{name}-requirements.txt"
+    venv = VENVS / name
+    py = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    digest = hashlib.sha256(req.read_bytes()).hexdigest()
+    if py.exists() and stamp.exists() and stamp.read_text() == digest:
+        return venv, ""
+    log = VENVS / f"{name}-install.log"
+    print(f"installing the {name} peer into {venv.relative_to(ROOT)} (once; a few minutes), log: {log.relative_to(ROOT)}",
+          flush=True)
+    try:
+        if venv.exists():
+            shutil.rmtree(venv)
+        VENVS.mkdir(parents=True, exist_ok=True)
+        base = getattr(sys, "_base_executable", sys.executable)  # not this venv's interpreter: a fresh one
+        with open(log, "wb") as out:
+            subprocess.run([base, "-m", "venv", str(venv)], check=True, stdout=out, stderr=subprocess.STDOUT, timeout=300)
+            subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "--timeout", "60", "--retries", "2",
+                            "-r", str(req)], check=True, stdout=out, stderr=subprocess.STDOUT, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return None, f"install timed out (log: {log.relative_to(ROOT)})"
+    except (subprocess.CalledProcessError, OSError) as e:
+        return None, f"install failed: {_pip_error(log) if log.exists() else e} (log: {log.relative_to(ROOT)})"
+    stamp.write_text(digest)
+    return venv, ""
+
+
+def peer_command(name: str, venv: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    env = {"PYTHONPATH": "", "VIRTUAL_ENV": str(venv), "JAX_PLATFORMS": "cpu"}
+    if name == "kserve":
+        return ([str(venv / "bin" / "python"), str(PEERS_DIR / "kserve_model.py"), "--http_port", str(port),
+                 "--enable_grpc", "false", "--enable_latency_logging", "false"], env)
+    if name == "mlserver":  # gRPC cannot be switched off: it gets a free port of its own
+        return ([str(venv / "bin" / "mlserver"), "start", str(PEERS_DIR / "mlserver")],
+                {**env, "MLSERVER_HTTP_PORT": str(port), "MLSERVER_GRPC_PORT": str(free_port())})
+    raise ValueError(name)
+
+
+def start_peers(stack: ExitStack, names: list[str]) -> dict[str, int | str]:
+    """Each peer's port, or the reason it is skipped."""
+    peers: dict[str, int | str] = {}
+    for name in names:
+        venv, why = peer_venv(name)
+        if venv is None:
+            peers[name] = why
+            print(f"{PEERS[name]}: skipped: {why}", flush=True)
+            continue
+        port = free_port()
+        cmd, env = peer_command(name, venv, port)
+        try:
+            stack.enter_context(server(cmd, port, f"/v2/models/{V2_MODEL}/ready", env))
+            peers[name] = port
+        except RuntimeError as e:
+            peers[name] = f"did not start: {str(e).strip().splitlines()[-1][:200]}"
+            print(f"{PEERS[name]}: skipped: {peers[name]}", flush=True)
+    return peers
+
+
+def v2_served(port: int) -> bool:
+    return Http(port).status("/v2") != 404
+
+
+def bench_v2_peers(svc: int, floor: int, peers: dict[str, int | str], quick: bool
+                   ) -> tuple[list[list], list[list], dict]:
+    """The service's /v1 (JSON, .npy) and /v2 (JSON, binary tensors) beside the peers' v2 JSON and
+    binary, sequential on one kept-alive connection each; then 32 concurrent clients at 16 elements.
+    Every contender's answer is checked against NumPy before it is timed."""
+    rng = np.random.default_rng(7)
+    s = Http(svc)
+    has_v2 = v2_served(svc)
+    data: dict = {"v2_served": has_v2, "peers": {k: (v if isinstance(v, str) else "served") for k, v in peers.items()}}
+    rows: list[list] = []
+    skipped: dict[tuple[str, str], str] = {}  # (server, request) -> why; reported once
+    if not has_v2:
+        skipped["service", "/v2 JSON"] = skipped["service", "/v2 binary"] = "/v2 not served"
+    for name, port in peers.items():
+        if isinstance(port, str):
+            skipped[PEERS[name], "v2 JSON"] = skipped[PEERS[name], "v2 binary"] = port
+    conns = {name: Http(port) for name, port in peers.items() if isinstance(port, int)}
+
+    def v2_call(h: Http, body: bytes, headers: dict[str, str]):
+        return lambda: h.post_v2(V2_INFER, body, headers)
+
+    for n in PEER_SIZES:
+        x = rng.uniform(-2, 2, n).astype(np.float32)
+        ref = grad_reference(x)
+        jbody = orjson.dumps({"x": x, "alpha": 1.0}, option=orjson.OPT_SERIALIZE_NUMPY)
+        nbody = npy_bytes(x)
+        v2j, v2j_h = v2_request(x)
+        v2b, v2b_h = v2_request(x, binary=True)
+        # (server, request, timed call, decoder of the call's result)
+        contenders = [
+            ("service", "/v1 JSON", lambda: s.post("/v1/grad", jbody, JSON),
+             lambda r: np.asarray(orjson.loads(r)["grad"], np.float32)),
+            ("service", "/v1 .npy", lambda: s.post("/v1/grad?alpha=1.0", nbody, NPY, NPY), lambda r: np.load(io.BytesIO(r))),
+        ]
+        if has_v2:
+            contenders += [("service", "/v2 JSON", v2_call(s, v2j, v2j_h), lambda r: v2_output(*r)),
+                           ("service", "/v2 binary", v2_call(s, v2b, v2b_h), lambda r: v2_output(*r))]
+        for name, h in conns.items():
+            contenders += [(PEERS[name], "v2 JSON", v2_call(h, v2j, v2j_h), lambda r: v2_output(*r)),
+                           (PEERS[name], "v2 binary", v2_call(h, v2b, v2b_h), lambda r: v2_output(*r))]
+        timed = []
+        for who, req, call, decode in contenders:
+            key = (who, req)
+            if key in skipped:
+                continue
+            try:
+                got = decode(call())
+                if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-6, atol=1e-6):
+                    raise ValueError(f"answer differs from the NumPy reference (shape {got.shape})")
+            except Exception as e:  # an unsupported request or a wrong answer: reported, not timed
+                msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+                skipped[key] = f"fails at {n:,} elements: {msg}"
+                continue
+            timed.append((who, req, call))
+        reps = repeats_for(n, quick)
+        if n >= 1_000_000:  # the peers' JSON paths take seconds here
+            reps = max(3, reps // 2)
+        times = paired_medians([c for _, _, c in timed], reps, warmup=1)
+        base = dict(zip([f"{w} {r}" for w, r, _ in timed], times))
+        data[n] = base
+        v1 = base["service /v1 JSON"]
+        for (who, req, _), t in zip(timed, times):
+            rows.append([f"{n:,}", who, req, fmt_ms(t), f"{t / v1:.2f}"])
+    for (who, req), why in skipped.items():
+        rows.append(["", who, req, f"skipped: {why}", ""])
+    data["skipped"] = {f"{who} {req}": why for (who, req), why in skipped.items()}
+
+    # throughput: 32 clients, 16 elements
+    seconds = 1.5 if quick else 4.0
+    x16 = np.linspace(-2, 2, 16).astype(np.float32)
+    b16 = orjson.dumps({"x": x16.tolist(), "alpha": 1.0})
+    v2_16, _ = v2_request(x16)
+    loads = [("floor", "constant endpoint", floor, "/const", b16), ("service", "/v1 JSON", svc, "/v1/grad", b16)]
+    if has_v2:
+        loads.append(("service", "/v2 JSON", svc, V2_INFER, v2_16))
+    loads += [(PEERS[name], "v2 JSON", port, V2_INFER, v2_16) for name, port in peers.items() if isinstance(port, int)]
+    trows, tdata = [], {}
+    for who, req, port, path, body in loads:
+        r = asyncio.run(_load(port, path, body, JSON, 32, seconds))
+        trows.append([who, req, f"{r['rps']:,.0f}", fmt_ms(r["p50_s"]) if r["p50_s"] else "", fmt_ms(r["p99_s"]) if r["p99_s"] else "",
+                      r["shed_503"], r["errors"]])
+        tdata[f"{who} {req}"] = r
+    for (who, req), why in skipped.items():
+        if req.endswith("JSON") and f"{who} {req}" not in tdata:
+            trows.append([who, req, f"skipped: {why}", "", "", "", ""])
+    data["throughput_32"] = tdata
+    return rows, trows, data
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and shorter load phases (a smoke run)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--no-peers", action="store_true", help="leave the peer model servers out (no venv, no install)")
+    which.add_argument("--peers-only", action="store_true",
+                       help="only the /v2 and peer comparison (section 7) and its targets; writes <device>-peers.{md,json}")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     info = machine()
@@ -381,11 +648,13 @@ def main(argv: list[str] | None = None) -> int:
         md.append(text)
 
     print("\n".join(md), flush=True)
-    rows, results["inprocess"] = bench_inprocess(args.quick)
-    header = ["elements", "core grad ms", "hand-written jit ms", "ratio"]
-    if len(rows[0]) > 4:
-        header += ["kernel alone ms (device-resident)", "GB/s"]
-    emit(table("1. In-process: core grad (validated, bucketed) vs hand-written jax.jit, float32", header, rows))
+    full = not args.peers_only
+    if full:
+        rows, results["inprocess"] = bench_inprocess(args.quick)
+        header = ["elements", "core grad ms", "hand-written jit ms", "ratio"]
+        if len(rows[0]) > 4:
+            header += ["kernel alone ms (device-resident)", "GB/s"]
+        emit(table("1. In-process: core grad (validated, bucketed) vs hand-written jax.jit, float32", header, rows))
 
     sp, fp, npt = free_port(), free_port(), free_port()
     with ExitStack() as stack:
@@ -393,37 +662,44 @@ def main(argv: list[str] | None = None) -> int:
                                    {"SURROGATE_LOG_LEVEL": "warning"}))
         uv = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "--log-level", "warning", "--no-access-log"]
         stack.enter_context(server(uv + ["floor_app:app", "--port", str(fp)], fp, "/const"))
-        stack.enter_context(server(uv + ["naive_app:app", "--port", str(npt)], npt, "/docs"))
-        rows, base_rows, results["sequential"] = bench_sequential(sp, fp, npt, args.quick)
-        emit(table(
-            "2-3. The service vs the transport floor (same request bytes echoed), one kept-alive connection; "
-            f"constant endpoint {fmt_ms(results['sequential']['const_s'])} ms",
-            ["elements", "JSON ms", "echo JSON ms", "ratio", ".npy ms", "echo .npy ms", "ratio", "JSON / .npy"], rows))
-        emit(table("4. Baseline: straightforward FastAPI + Pydantic list[float] endpoint",
-                   ["elements", "baseline JSON ms", "service JSON ms", "speed-up", "service .npy ms", "speed-up"], base_rows))
-        rows, results["concurrency"] = bench_concurrency(sp, fp, args.quick)
-        emit(table("5. Concurrency (aiohttp clients, fixed time each)",
-                   ["clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors", "device calls / request"], rows))
-    rows, results["workers"] = bench_workers(args.quick)
-    emit(table("5b. Workers: the same load against `--workers 2`",
-               ["workers", "clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors"], rows))
-    rows, results["compilation"] = bench_compilation(args.quick)
-    emit(table("6. Compilation: requests of distinct random lengths in [1, 1,000,000] (.npy)",
-               ["pass", "requests", "compiled grad/float32 variants", "p50 ms", "p99 ms", "p99/p50"], rows))
+        if full:
+            stack.enter_context(server(uv + ["naive_app:app", "--port", str(npt)], npt, "/docs"))
+            rows, base_rows, results["sequential"] = bench_sequential(sp, fp, npt, args.quick)
+            emit(table(
+                "2-3. The service vs the transport floor (same request bytes echoed) and the JSON codec floor (orjson -> "
+                "float32 array -> orjson, no arithmetic), one kept-alive connection; "
+                f"constant endpoint {fmt_ms(results['sequential']['const_s'])} ms",
+                ["elements", "JSON ms", "echo JSON ms", "ratio", "JSON codec floor ms", "JSON / codec floor",
+                 ".npy ms", "echo .npy ms", "ratio", "JSON / .npy"], rows))
+            emit(table("4. Baseline: straightforward FastAPI + Pydantic list[float] endpoint",
+                       ["elements", "baseline JSON ms", "service JSON ms", "speed-up", "service .npy ms", "speed-up"], base_rows))
+            rows, results["concurrency"] = bench_concurrency(sp, fp, args.quick)
+            emit(table("5. Concurrency (aiohttp clients, fixed time each)",
+                       ["clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors",
+                        "device calls / request"], rows))
+        with ExitStack() as peer_stack:
+            peers = ({name: "--no-peers" for name in PEERS} if args.no_peers
+                     else start_peers(peer_stack, list(PEERS)))
+            rows, trows, results["v2_peers"] = bench_v2_peers(sp, fp, peers, args.quick)
+        emit(table("7. Open Inference Protocol: the service's /v1 and /v2 beside KServe and MLServer serving the same "
+                   "jitted formula (v2 JSON tensors and the binary tensor extension), one kept-alive connection; "
+                   "answers checked against NumPy first",
+                   ["elements", "server", "request", "median ms", "/ service /v1 JSON"], rows))
+        emit(table("7b. 32 concurrent clients, 16 elements (aiohttp, fixed time each)",
+                   ["server", "request", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors"], trows))
+    if full:
+        rows, results["workers"] = bench_workers(args.quick)
+        emit(table("5b. Workers: the same load against `--workers 2`",
+                   ["workers", "clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors"], rows))
+        rows, results["compilation"] = bench_compilation(args.quick)
+        emit(table("6. Compilation: requests of distinct random lengths in [1, 1,000,000] (.npy)",
+                   ["pass", "requests", "compiled grad/float32 variants", "p50 ms", "p99 ms", "p99/p50"], rows))
 
-    seq, conc, comp, inp = results["sequential"], results["concurrency"], results["compilation"], results["inprocess"]
-    targets = [
-        (".npy /v1/grad at 1M <= 1.5x the floor for the same bytes", seq[1_000_000]["npy_s"] / seq[1_000_000]["echo_npy_s"], "<=", 1.5),
-        ("JSON /v1/grad at 100k >= 15x faster than the baseline", seq[100_000]["naive_s"] / seq[100_000]["json_s"], ">=", 15),
-        ("16-element median latency <= 1.5x the constant endpoint", seq["grad16_paired_s"] / seq["const_s"], "<=", 1.5),
-        ("32 clients, 16 elements: throughput >= 0.6x the constant endpoint",
-         conc["32//v1/grad 16"]["rps"] / conc["32/constant endpoint"]["rps"], ">=", 0.6),
-        ("In-process at 1M <= 1.3x the hand-written jit", inp[1_000_000]["ratio"], "<=", 1.3),
-        ("Compiled variants over the lengths <= 25", comp["variants_second"], "<=", 25),
-        ("Warm p99 <= 3x p50", comp["warm_p99_s"] / comp["warm_p50_s"], "<=", 3),
-    ]
     trows = []
-    for name, value, op, goal in targets:
+    for name, value, op, goal in targets(results):
+        if isinstance(value, str):
+            trows.append([name, value, f"{op} {goal}", "skipped"])
+            continue
         ok = value <= goal if op == "<=" else value >= goal
         trows.append([name, f"{value:.2f}", f"{op} {goal}", "met" if ok else "MISSED"])
     results["targets"] = [dict(zip(["target", "value", "goal", "status"], r)) for r in trows]
@@ -432,10 +708,55 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if info["device"].split(":")[0] != "cpu" else "cpu"
-    (out / f"{tag}-latest.md").write_text("\n".join(md) + "\n")
-    (out / f"{tag}-latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"written: {out / f'{tag}-latest.md'}")
+    stem = f"{tag}-peers" if args.peers_only else f"{tag}-latest"
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"written: {out / f'{stem}.md'}")
     return 0
+
+
+def targets(results: dict) -> list[tuple[str, float | str, str, float]]:
+    """(target, measured ratio or why it was not measured, comparison, goal) for what this run measured."""
+    out: list[tuple[str, float | str, str, float]] = []
+    seq, conc, comp, inp = (results.get(k) for k in ("sequential", "concurrency", "compilation", "inprocess"))
+    if seq:
+        out += [
+            ("16-element JSON /v1/grad median latency <= 1.3x the constant endpoint", seq["grad16_paired_s"] / seq["const_s"], "<=", 1.3),
+            ("16-element JSON /v1/spike median latency <= 1.3x the constant endpoint", seq["spike16_paired_s"] / seq["const_s"], "<=", 1.3),
+            ("1,000-element JSON /v1/grad median latency <= 1.5x the constant endpoint", seq["grad1k_paired_s"] / seq["const_s"], "<=", 1.5),
+            ("1,000-element JSON /v1/spike median latency <= 1.5x the constant endpoint", seq["spike1k_paired_s"] / seq["const_s"], "<=", 1.5),
+            (".npy /v1/grad at 1M <= 1.5x the echo of the same bytes", seq[1_000_000]["npy_s"] / seq[1_000_000]["echo_npy_s"], "<=", 1.5),
+            ("JSON /v1/grad at 100k <= 1.3x the JSON codec floor", seq[100_000]["json_s"] / seq[100_000]["codec_json_s"], "<=", 1.3),
+            ("JSON /v1/grad at 100k >= 15x faster than the baseline", seq[100_000]["naive_s"] / seq[100_000]["json_s"], ">=", 15),
+        ]
+    if conc:
+        out.append(("32 clients, 16 elements: throughput >= 0.6x the constant endpoint",
+                    conc["32//v1/grad 16"]["rps"] / conc["32/constant endpoint"]["rps"], ">=", 0.6))
+    if inp:
+        out.append(("In-process at 1M <= 1.3x the hand-written jit", inp[1_000_000]["ratio"], "<=", 1.3))
+    if comp:
+        out += [("Compiled variants over the lengths <= 25", comp["variants_second"], "<=", 25),
+                ("Warm p99 <= 3x p50", comp["warm_p99_s"] / comp["warm_p50_s"], "<=", 3)]
+    v2 = results.get("v2_peers")
+    if v2:
+        small = v2.get(16, {})
+        out.append(("16-element /v2 JSON median latency <= 1.1x /v1 JSON",
+                    small["service /v2 JSON"] / small["service /v1 JSON"] if "service /v2 JSON" in small
+                    else "skipped: /v2 not served", "<=", 1.1))
+        labels = [PEERS[name] for name, state in v2["peers"].items() if state == "served"]
+        for n in PEER_SIZES:
+            goal = 2 if n < 1_000 else 3
+            row = v2.get(n, {})
+            ours = min(t for k, t in row.items() if k in ("service /v1 JSON", "service /v2 JSON"))
+            theirs = [t for k, t in row.items() if k in {f"{p} v2 JSON" for p in labels}]
+            out.append((f"{n:,} elements, JSON: the fastest peer's v2 JSON >= {goal}x the service's JSON (/v1 or /v2) time",
+                        min(theirs) / ours if theirs else "skipped: no peer measured", ">=", goal))
+        big = v2.get(1_000_000, {})
+        ours = min(t for k, t in big.items() if k in ("service /v1 .npy", "service /v2 binary"))
+        theirs = [t for k, t in big.items() if k in {f"{p} v2 binary" for p in labels}]
+        out.append(("1,000,000 elements, binary: the fastest peer's binary >= 3x the service's (.npy or /v2 binary) time",
+                    min(theirs) / ours if theirs else "skipped: no peer measured", ">=", 3))
+    return out
 
 
 if __name__ == "__main__":

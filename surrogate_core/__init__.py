@@ -95,7 +95,9 @@ def default_engine() -> Engine:
     return _default_engine
 
 
-def _one(op: str, x: Any, surrogate: str, dtype: str | None, params: dict[str, Any], cotangent: Any = None) -> np.ndarray:
+def _one(
+    op: str, x: Any, surrogate: str, dtype: str | None, params: dict[str, Any], cotangent: Any = None
+) -> np.ndarray:
     job = make_job(op, x, surrogate=surrogate, dtype=dtype, params=params, cotangent=cotangent)
     return default_engine().run([job])[0]
 

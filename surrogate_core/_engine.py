@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +65,8 @@ class EngineStats:
     jobs: int = 0
     elements: int = 0
     padded_elements: int = 0
-    variants: Counter = field(default_factory=Counter)  # (op, surrogate, dtype) -> compiled variants
+    evictions: int = 0  # executables dropped from the full cache (least recently used first)
+    variants: Counter = field(default_factory=Counter)  # (op, surrogate, dtype) -> variants in the cache
 
 
 def _kernel(op: str, sur: _registry.Surrogate | None) -> Callable[..., Any]:
@@ -75,26 +76,57 @@ def _kernel(op: str, sur: _registry.Surrogate | None) -> Callable[..., Any]:
     names = sur.param_names
     k = len(names)
     if op == "grad":
-        return lambda x, *ps: sur.grad(x, **dict(zip(names, ps)))
+        return lambda x, *ps: sur.grad(x, **dict(zip(names, ps, strict=True)))
     if op == "vjp":
-        return lambda x, *ps: sur.grad(x, **dict(zip(names, ps[:k]))) * ps[k]
+        return lambda x, *ps: sur.grad(x, **dict(zip(names, ps[:k], strict=True))) * ps[k]
     if op == "fun":
-        assert sur.fun is not None
-        return lambda x, *ps: sur.fun(x, **dict(zip(names, ps)))
+        fun = sur.fun
+        assert fun is not None
+        return lambda x, *ps: fun(x, **dict(zip(names, ps, strict=True)))
     raise ValueError(op)
 
 
-class Engine:
-    """Evaluates jobs with bounded compilation. Thread-safe; compiled variants are cached forever
-    (their number is bounded by construction)."""
+@dataclass
+class _Group:
+    """The plan for one device call: the jobs of one (op, surrogate, dtype), their bucket and layout."""
 
-    def __init__(self, *, min_bucket: int = 1024) -> None:
+    op: str
+    sname: str
+    dtype: str
+    idx: list[int]  # positions of the jobs in the caller's list
+    jobs: list[Job]
+    sizes: list[int]
+    total: int
+    bucket: int
+    extras: list[list[np.ndarray]]  # per job: its parameters in order, then its cotangent (vjp)
+    layout: tuple[bool, ...]  # per extra argument: one value per element (True) or one shared 0-d value
+
+    @property
+    def key(self) -> Key | None:
+        """The executable this group needs (None: no device call, every job is empty)."""
+        return None if self.total == 0 else (self.op, self.sname, self.dtype, self.bucket, self.layout)
+
+
+class Engine:
+    """Evaluates jobs with bounded compilation. Thread-safe.
+
+    Compiled executables are kept in a least-recently-used cache of at most ``max_variants`` entries
+    (None: unbounded). Their number per (op, surrogate, dtype) is small by construction, but every
+    surrogate, dtype and parameter layout multiplies it, so a long-lived server that sees many of
+    them would otherwise keep every executable it ever built; an evicted variant is simply compiled
+    again when it is next needed.
+    """
+
+    def __init__(self, *, min_bucket: int = 1024, max_variants: int | None = 512) -> None:
         if min_bucket < 1 or min_bucket & (min_bucket - 1):
             raise ValueError("min_bucket must be a power of two >= 1")
+        if max_variants is not None and max_variants < 1:
+            raise ValueError("max_variants must be >= 1 (or None for no limit)")
         self.min_bucket = min_bucket
+        self.max_variants = max_variants
         self.device = jax.devices()[0]
-        self._compiled: dict[Key, Any] = {}
-        self._lock = threading.Lock()
+        self._compiled: OrderedDict[Key, Any] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()  # guards _compiled, _compile_locks and stats
         self._compile_locks: dict[Key, threading.Lock] = {}
         self.stats = EngineStats()
 
@@ -108,16 +140,27 @@ class Engine:
         h = 3 * p // 4  # 1.5 times the power of two below
         return h if h >= n and p // 2 >= self.min_bucket else p
 
-    def _executable(self, key: Key) -> Any:
-        exe = self._compiled.get(key)
-        if exe is not None:
+    def _cached(self, key: Key) -> Any:
+        with self._lock:
+            exe = self._compiled.get(key)
+            if exe is not None:
+                self._compiled.move_to_end(key)
             return exe
+
+    def _executable(self, key: Key) -> Any:
+        return self._get_or_compile(key)[0]
+
+    def _get_or_compile(self, key: Key) -> tuple[Any, bool]:
+        """The executable for ``key``, and whether this call compiled it."""
+        exe = self._cached(key)
+        if exe is not None:
+            return exe, False
         with self._lock:
             lock = self._compile_locks.setdefault(key, threading.Lock())
         with lock:
-            exe = self._compiled.get(key)
+            exe = self._cached(key)
             if exe is not None:
-                return exe
+                return exe, False
             op, sname, dtype, bucket, layout = key
             sur = None if op == "spike" else _registry.get(sname)
             dt = DTYPES[dtype]
@@ -127,27 +170,44 @@ class Engine:
             with _x64():
                 exe = jax.jit(_kernel(op, sur)).lower(*specs).compile()
             dt_s = time.perf_counter() - t0
+            evicted: list[Key] = []
             with self._lock:
+                # (an evicted key's compile lock is dropped, so two threads may rarely compile the
+                # same key at once; the cache then keeps one executable and counts one variant)
+                if key not in self._compiled:
+                    self.stats.variants[(op, sname, dtype)] += 1
                 self._compiled[key] = exe
+                self._compiled.move_to_end(key)
                 self.stats.compilations += 1
                 self.stats.compile_seconds += dt_s
-                self.stats.variants[(op, sname, dtype)] += 1
                 count = self.stats.variants[(op, sname, dtype)]
-            log.info(
+                while self.max_variants is not None and len(self._compiled) > self.max_variants:
+                    old, _ = self._compiled.popitem(last=False)
+                    self._compile_locks.pop(old, None)
+                    group = old[:3]
+                    self.stats.variants[group] -= 1
+                    if self.stats.variants[group] <= 0:
+                        del self.stats.variants[group]
+                    self.stats.evictions += 1
+                    evicted.append(old)
+            log.debug(
                 "compiled %s/%s/%s bucket=%d layout=%s in %.0f ms (%d variants of this op)",
-                op, sname, dtype, bucket, "".join("E" if f else "S" for f in layout) or "-",
-                dt_s * 1e3, count,
+                op, sname, dtype, bucket, _layout_text(layout), dt_s * 1e3, count,
             )
-            return exe
+            for old in evicted:
+                log.debug("evicted %s/%s/%s bucket=%d layout=%s (cache full: %d variants)",
+                          *old[:4], _layout_text(old[4]), self.max_variants)
+            return exe, True
 
     def variants(self) -> dict[str, int]:
-        """Compiled variants per ``op/surrogate/dtype``."""
+        """Compiled variants per ``op/surrogate/dtype`` (those in the cache now)."""
         with self._lock:
             return {"/".join(k): v for k, v in sorted(self.stats.variants.items())}
 
     def warm_up(self, *, surrogate: str, dtype: str, ops: Sequence[str] = ("spike", "grad", "vjp", "fun"),
                 max_elements: int = 1 << 16) -> int:
-        """Compile the scalar-layout variants of ``ops`` for every bucket up to ``max_elements``."""
+        """Compile the scalar-layout variants of ``ops`` for every bucket up to ``max_elements``.
+        Returns how many variants that is (each is logged at DEBUG only: log one summary)."""
         sur = _registry.get(surrogate)
         n = 0
         b = self.min_bucket
@@ -166,17 +226,55 @@ class Engine:
     def _key(op: str, surrogate: str, dtype: str, bucket: int, layout: tuple[bool, ...]) -> Key:
         return (op, "*" if op == "spike" else surrogate, dtype, bucket, layout)
 
+    # -- planning -----------------------------------------------------------------------------
+    def _plan(self, jobs: Sequence[Job]) -> list[_Group]:
+        """Group jobs by (op, surrogate, dtype) and choose each group's bucket and layout: what
+        :meth:`run` computes and :meth:`is_compiled` checks."""
+        by: dict[tuple[str, str, str], list[int]] = {}
+        for i, job in enumerate(jobs):
+            sname = "*" if job.op == "spike" else job.surrogate
+            by.setdefault((job.op, sname, job.dtype), []).append(i)
+        plan = []
+        for (op, sname, dtype), idx in by.items():
+            group_jobs = [jobs[i] for i in idx]
+            sizes = [j.size for j in group_jobs]
+            total = sum(sizes)
+            if total == 0:
+                plan.append(_Group(op, sname, dtype, idx, group_jobs, sizes, 0, 0, [], ()))
+                continue
+            extras = [self._extras(j) for j in group_jobs]
+            # An extra argument is passed as one 0-d value when every job has a single, shared value.
+            layout = []
+            for k in range(len(extras[0])):
+                vals = [e[k] for e in extras]
+                shared = all(v.size == 1 for v in vals) and all(
+                    v.reshape(()).tobytes() == vals[0].reshape(()).tobytes() for v in vals[1:]
+                )
+                layout.append(not shared)
+            plan.append(
+                _Group(op, sname, dtype, idx, group_jobs, sizes, total, self.bucket(total), extras, tuple(layout))
+            )
+        return plan
+
+    def is_compiled(self, jobs: Sequence[Job]) -> bool:
+        """Whether every executable that ``run(jobs)`` needs is compiled already, so that running
+        them compiles nothing (a caller can compile cold variants off its hot path first, with
+        :meth:`compile`). Does not count as a use for the cache's recency."""
+        keys = [g.key for g in self._plan(jobs)]
+        with self._lock:
+            return all(k is None or k in self._compiled for k in keys)
+
+    def compile(self, jobs: Sequence[Job]) -> int:
+        """Compile (or mark as recently used) every executable ``run(jobs)`` needs, without running
+        anything. Returns how many were compiled now."""
+        return sum(self._get_or_compile(g.key)[1] for g in self._plan(jobs) if g.key is not None)
+
     # -- evaluation ---------------------------------------------------------------------------
     def run(self, jobs: Sequence[Job]) -> list[np.ndarray]:
         """Evaluate jobs; one device call per distinct (op, surrogate, dtype). Results in order."""
-        groups: dict[tuple[str, str, str], list[int]] = {}
-        for i, job in enumerate(jobs):
-            sname = "*" if job.op == "spike" else job.surrogate
-            groups.setdefault((job.op, sname, job.dtype), []).append(i)
         out: list[np.ndarray | None] = [None] * len(jobs)
-        for (op, sname, dtype), idx in groups.items():
-            results = self._run_group(op, sname, dtype, [jobs[i] for i in idx])
-            for i, r in zip(idx, results):
+        for g in self._plan(jobs):
+            for i, r in zip(g.idx, self._run_group(g), strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
 
@@ -190,33 +288,20 @@ class Engine:
             extras.append(job.cotangent)
         return extras
 
-    def _run_group(self, op: str, sname: str, dtype: str, jobs: list[Job]) -> list[np.ndarray]:
-        dt = DTYPES[dtype]
-        sizes = [j.size for j in jobs]
-        total = sum(sizes)
+    def _run_group(self, g: _Group) -> list[np.ndarray]:
+        dt = DTYPES[g.dtype]
+        jobs, sizes, bucket = g.jobs, g.sizes, g.bucket
         with self._lock:
             self.stats.jobs += len(jobs)
-        if total == 0:
+        if g.key is None:
             return [np.zeros(j.shape, dt) for j in jobs]
-        bucket = self.bucket(total)
-        extras = [self._extras(j) for j in jobs]
-        n_extra = len(extras[0])
-        # An extra argument is passed as one 0-d value when every job has a single, shared value.
-        layout = []
-        for k in range(n_extra):
-            vals = [e[k] for e in extras]
-            shared = all(v.size == 1 for v in vals) and all(
-                v.reshape(()).tobytes() == vals[0].reshape(()).tobytes() for v in vals[1:]
-            )
-            layout.append(not shared)
-        layout_t = tuple(layout)
 
         def flat(arrays: list[np.ndarray], fill: float) -> np.ndarray:
             if len(jobs) == 1 and arrays[0].shape == (bucket,) and arrays[0].flags.c_contiguous:
                 return arrays[0]
             buf = np.empty(bucket, dt)
             o = 0
-            for a, j, n in zip(arrays, jobs, sizes):
+            for a, j, n in zip(arrays, jobs, sizes, strict=True):
                 if n:
                     np.copyto(buf[o:o + n].reshape(j.shape), a)
                 o += n
@@ -224,24 +309,28 @@ class Engine:
             return buf
 
         args = [flat([j.x for j in jobs], 0)]
-        for k, full in enumerate(layout_t):
+        for k, full in enumerate(g.layout):
             if full:
-                args.append(flat([e[k] for e in extras], 1))
+                args.append(flat([e[k] for e in g.extras], 1))
             else:
-                args.append(np.asarray(extras[0][k], dt).reshape(()))
-        exe = self._executable(self._key(op, sname, dtype, bucket, layout_t))
-        if dtype == "float64":
+                args.append(np.asarray(g.extras[0][k], dt).reshape(()))
+        exe = self._executable(g.key)
+        if g.dtype == "float64":
             with _x64():
                 result = np.asarray(exe(*args))
         else:
             result = np.asarray(exe(*args))
         with self._lock:
             self.stats.device_calls += 1
-            self.stats.elements += total
+            self.stats.elements += g.total
             self.stats.padded_elements += bucket
         outs = []
         o = 0
-        for j, n in zip(jobs, sizes):
+        for j, n in zip(jobs, sizes, strict=True):
             outs.append(result[o:o + n].reshape(j.shape))
             o += n
         return outs
+
+
+def _layout_text(layout: tuple[bool, ...]) -> str:
+    return "".join("E" if f else "S" for f in layout) or "-"

@@ -174,14 +174,17 @@ def make_job(
     return Job(op, surrogate, dtype_name, xa, cast_params, ct, shape)
 
 
-def _validate_params(sur: _registry.Surrogate, params: Mapping[str, Any], dt: np.dtype, dtype_name: str) -> dict[str, np.ndarray]:
+def _validate_params(
+    sur: _registry.Surrogate, params: Mapping[str, Any], dt: np.dtype, dtype_name: str
+) -> dict[str, np.ndarray]:
     cast_params: dict[str, np.ndarray] = {}
     for p in sur.params:
         v = _cast(p.name, params.get(p.name, p.default), dt, dtype_name)
         ok = p.constraint.ok(v)
         if not np.all(ok):
             bad = v[~ok].flat[0] if v.ndim else v.item()
-            raise JobError(p.name, f"must be {p.constraint.text}, got {_show(bad)}" + _cast_note(params.get(p.name), v, dtype_name))
+            note = _cast_note(params.get(p.name), v, dtype_name)
+            raise JobError(p.name, f"must be {p.constraint.text}, got {_show(bad)}" + note)
         cast_params[p.name] = v
     for check in sur.checks:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -200,12 +203,11 @@ def _scalar_key(sur: _registry.Surrogate, params: Mapping[str, Any]) -> tuple[fl
     out = []
     for p in sur.params:
         v = params.get(p.name, p.default)
-        if type(v) is float or (type(v) is int and abs(v) <= 2**53):  # ints exactly representable
-            out.append(float(v))
-        elif isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "if" and v.dtype.itemsize >= 4:
-            out.append(float(v))
-        else:
+        plain = type(v) is float or (type(v) is int and abs(v) <= 2**53)  # ints exactly representable
+        zero_d = isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "if" and v.dtype.itemsize >= 4
+        if not (plain or zero_d):
             return None
+        out.append(float(v))
     return tuple(out)
 
 
@@ -213,7 +215,7 @@ def _scalar_key(sur: _registry.Surrogate, params: Mapping[str, Any]) -> tuple[fl
 def _scalar_params(name: str, dtype_name: str, values: tuple[float, ...]) -> dict[str, np.ndarray]:
     sur = _registry.get(name)
     dt = resolve_dtype(dtype_name)[1]
-    cast = _validate_params(sur, dict(zip(sur.param_names, values)), dt, dtype_name)
+    cast = _validate_params(sur, dict(zip(sur.param_names, values, strict=True)), dt, dtype_name)
     for v in cast.values():
         v.flags.writeable = False  # shared between jobs
     return cast

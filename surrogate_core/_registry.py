@@ -84,6 +84,22 @@ class Param:
     constraint: Constraint
     description: str
 
+    @property
+    def integer(self) -> bool:
+        """Whether the parameter takes integers only (its constraint says ``multipleOf: 1``)."""
+        return self.constraint.schema.get("multipleOf") == 1
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description: ``type`` is the JSON-Schema type (``"integer"`` or
+        ``"number"``), and the default is written as that type (``2``, not ``2.0``)."""
+        return {
+            "name": self.name,
+            "type": "integer" if self.integer else "number",
+            "default": int(self.default) if self.integer else float(self.default),
+            "constraint": self.constraint.text,
+            "description": self.description,
+        }
+
 
 @dataclass(frozen=True)
 class Check:
@@ -137,15 +153,7 @@ class Surrogate:
             "name": self.name,
             "braintools": f"braintools.surrogate.{self.braintools_name}",
             "description": self.description,
-            "parameters": [
-                {
-                    "name": p.name,
-                    "default": p.default,
-                    "constraint": p.constraint.text,
-                    "description": p.description,
-                }
-                for p in self.params
-            ],
+            "parameters": [p.describe() for p in self.params],
             "grad_formula": self.grad_formula,
             "has_fun": self.fun is not None,
             "fun_formula": self.fun_formula,
@@ -166,6 +174,8 @@ def register(surrogate: Surrogate) -> Surrogate:
             raise ValueError(f"{surrogate.name}: bad or duplicate parameter name {p.name!r}")
         if not math.isfinite(p.default) or not p.constraint.ok(np.asarray(p.default)).all():
             raise ValueError(f"{surrogate.name}: default of {p.name!r} violates its constraint")
+        if p.integer and not isinstance(p.default, int):
+            raise ValueError(f"{surrogate.name}: integer parameter {p.name!r} needs an int default")
         seen.add(p.name)
     _REGISTRY[surrogate.name] = surrogate
     return surrogate

@@ -108,3 +108,136 @@ def test_device_info_reports_a_platform():
     info = sc.device_info()
     assert info["platform"] in {"cpu", "gpu", "cuda", "rocm", "tpu"}
     assert info["device_count"] >= 1
+
+
+# -- the compile cache ----------------------------------------------------------------------------
+
+
+def _grad_of(n: int, alpha: float = 1.5) -> tuple[sc.Job, np.ndarray]:
+    """A grad job of ``n`` elements (bucket n with min_bucket=1 for n = 1, 2, 3, 4, 6, 8, ...)."""
+    x = np.linspace(-1.2, 1.2, n).astype(np.float32)
+    return sc.make_job("grad", x, params={"alpha": alpha}), ref.pq_grad(x, np.float32(alpha))
+
+
+def _cached_buckets(e: sc.Engine) -> set[int]:
+    return {n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if e.is_compiled([_grad_of(n)[0]])}
+
+
+def test_cache_holds_at_most_max_variants_and_counts_evictions():
+    e = sc.Engine(min_bucket=1, max_variants=3)
+    sizes = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]  # ten distinct buckets, so ten variants
+    for n in sizes:
+        j, want = _grad_of(n)
+        (out,) = e.run([j])
+        np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-6)
+        assert sum(e.variants().values()) <= 3
+    assert e.stats.compilations == 10
+    assert e.stats.evictions == 7
+    assert e.variants() == {"grad/piecewise_quadratic/float32": 3}
+    assert _cached_buckets(e) == {16, 24, 32}  # the three most recent
+
+
+def test_recently_used_variants_survive_eviction():
+    e = sc.Engine(min_bucket=1, max_variants=3)
+    for n in (1, 2, 3):
+        e.run([_grad_of(n)[0]])
+    e.run([_grad_of(1)[0]])  # 1 is now the most recently used, 2 the least
+    e.run([_grad_of(4)[0]])  # evicts 2
+    assert _cached_buckets(e) == {1, 3, 4}
+    e.run([_grad_of(3)[0]])
+    e.run([_grad_of(6)[0]])  # evicts 1 (3 was used after it)
+    assert _cached_buckets(e) == {3, 4, 6}
+    assert e.stats.evictions == 2
+
+
+def test_an_evicted_variant_compiles_again_and_computes_correctly():
+    e = sc.Engine(min_bucket=1, max_variants=1)
+    j2, want2 = _grad_of(2, alpha=0.75)
+    j3, want3 = _grad_of(3, alpha=2.0)
+    e.run([j2])
+    e.run([j3])
+    assert not e.is_compiled([j2]) and e.is_compiled([j3])
+    (out,) = e.run([j2])
+    np.testing.assert_allclose(out, want2, rtol=2e-6, atol=1e-6)
+    (out,) = e.run([j3])
+    np.testing.assert_allclose(out, want3, rtol=2e-6, atol=1e-6)
+    assert e.stats.compilations == 4 and e.stats.evictions == 3
+
+
+def test_eviction_lowers_the_variant_count_of_its_own_group():
+    e = sc.Engine(min_bucket=1, max_variants=2)
+    e.run([_grad_of(1)[0]])
+    e.run([_grad_of(2)[0]])
+    assert e.variants() == {"grad/piecewise_quadratic/float32": 2}
+    e.run([sc.make_job("grad", [0.25], dtype="float64")])
+    assert e.variants() == {"grad/piecewise_quadratic/float32": 1, "grad/piecewise_quadratic/float64": 1}
+    e.run([sc.make_job("spike", [0.25], dtype="float64")])
+    assert e.variants() == {"grad/piecewise_quadratic/float64": 1, "spike/*/float64": 1}
+
+
+def test_max_variants_none_is_unbounded_and_zero_is_refused():
+    e = sc.Engine(min_bucket=1, max_variants=None)
+    for n in (1, 2, 3, 4, 6):
+        e.run([_grad_of(n)[0]])
+    assert e.stats.evictions == 0 and _cached_buckets(e) == {1, 2, 3, 4, 6}
+    with pytest.raises(ValueError):
+        sc.Engine(max_variants=0)
+
+
+def test_is_compiled_follows_the_plan_of_run():
+    e = sc.Engine(min_bucket=4)
+    a = sc.make_job("grad", np.zeros(3, np.float32), params={"alpha": 2.0})
+    b = sc.make_job("grad", np.zeros(2, np.float32), params={"alpha": 2.0})
+    c = sc.make_job("grad", np.zeros(2, np.float32), params={"alpha": 3.0})
+    assert e.is_compiled([]) and e.is_compiled([sc.make_job("grad", np.zeros((2, 0), np.float32))])
+    assert not e.is_compiled([a])
+    e.run([a])
+    assert e.is_compiled([a]) and e.is_compiled([b])  # same bucket (4), same scalar layout
+    assert not e.is_compiled([a, b])  # 5 elements together: bucket 8
+    assert not e.is_compiled([b, c])  # two alphas: the elementwise layout
+    assert not e.is_compiled([sc.make_job("grad", np.zeros(3), dtype="float64")])
+    assert not e.is_compiled([a, sc.make_job("spike", np.zeros(3, np.float32))])  # one group is cold
+    assert e.stats.compilations == 1  # asking compiled nothing
+
+
+def test_compile_prepares_exactly_what_run_needs():
+    e = sc.Engine(min_bucket=4)
+    jobs = [
+        sc.make_job("grad", np.linspace(-1, 1, 3).astype(np.float32), params={"alpha": 2.0}),
+        sc.make_job("grad", np.linspace(-1, 1, 2).astype(np.float32), params={"alpha": 3.0}),
+        sc.make_job("spike", np.zeros(3, np.float32)),
+    ]
+    assert e.compile(jobs) == 2 and e.is_compiled(jobs)
+    assert e.stats.device_calls == 0
+    assert e.compile(jobs) == 0
+    outs = e.run(jobs)
+    assert e.stats.compilations == 2 and e.stats.device_calls == 2
+    np.testing.assert_allclose(outs[1], ref.pq_grad(jobs[1].x, np.float32(3.0)), rtol=2e-6, atol=1e-5)
+
+
+def test_concurrent_runs_with_a_small_cache_stay_correct():
+    from concurrent.futures import ThreadPoolExecutor
+
+    e = sc.Engine(min_bucket=1, max_variants=2)
+    cases = [_grad_of(n, alpha=a) for n in (1, 2, 3, 4, 6) for a in (0.5, 2.0)] * 3
+
+    def one(case):
+        j, want = case
+        (out,) = e.run([j])
+        return np.allclose(out, want, rtol=2e-6, atol=1e-5)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(one, cases))
+    assert sum(e.variants().values()) <= 2
+    assert sum(e.variants().values()) == len(_cached_buckets(e))
+
+
+def test_compilations_log_at_debug_only(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="surrogate_core.engine"):
+        sc.Engine(min_bucket=1).run([_grad_of(5)[0]])
+    assert not caplog.records
+    with caplog.at_level(logging.DEBUG, logger="surrogate_core.engine"):
+        sc.Engine(min_bucket=1).run([_grad_of(5)[0]])
+    assert any("compiled grad/piecewise_quadratic/float32 bucket=6" in r.getMessage() for r in caplog.records)

@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -167,12 +168,17 @@ def _cond(name: str, p: dict, x: np.ndarray, *, fun: bool = False) -> np.ndarray
 
 
 def assert_close(got, want, *, rtol, atol, x, what):
+    """``got`` within ``atol + rtol * |want|`` of ``want``. XLA on the CPU flushes subnormal
+    numbers (results and intermediates) to zero where NumPy keeps them, so values that differ by
+    less than the smallest normal number of ``got``'s dtype are equal here."""
+    tiny = float(ml_dtypes.finfo(np.asarray(got).dtype).tiny)
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     assert got.shape == want.shape, (what, got.shape, want.shape)
     with np.errstate(invalid="ignore"):
         ok = (np.isnan(got) & np.isnan(want)) | (np.isinf(want) & (got == want))
         ok |= np.abs(got - want) <= atol + rtol * np.abs(want)
+        ok |= np.abs(got - want) < tiny
     if not ok.all():
         bad = np.flatnonzero(~ok.ravel())[:6]
         xs = np.broadcast_to(np.asarray(x, np.float64), got.shape).ravel()
@@ -206,7 +212,11 @@ def test_registry_holds_the_family_in_braintools_order_with_its_defaults():
         assert s.grad_formula and s.description
         d = s.describe()
         assert d["braintools"] == f"braintools.surrogate.{cls}" and d["has_fun"] == (name not in GRAD_ONLY)
-        for p in s.params:
+        for p, described in zip(s.params, d["parameters"]):
+            # the default is described as the JSON type of the parameter: 2 for n, 4.0 for alpha
+            assert described["default"] == defaults[p.name]
+            assert type(described["default"]) is type(defaults[p.name])
+            assert described["type"] == ("integer" if isinstance(defaults[p.name], int) else "number")
             assert p.description and p.constraint.text
             assert "\n" not in p.description
 
@@ -358,7 +368,22 @@ def test_grad_property_float64(name, data):
     assert_close(got, want, rtol=1e-12, atol=1e-12 * scale * _cond(name, p, x), x=x, what=f"grad {name} {p}")
 
 
-# XLA on CPU flushes subnormal numbers to zero, so hypothesis is kept off them (see the report).
+def test_a_subnormal_result_flushed_to_zero_passes_as_equal():
+    # found by hypothesis: the reference keeps alpha * exp(-x**2 / 2) / sqrt(2 pi) = 4.0e-309, a
+    # subnormal number, where XLA on the CPU flushes it to 0.0
+    x, p = np.array([3.0]), {"sigma": 1.0, "alpha": 9.04e-307}
+    want = _ref(R.GRAD, "gaussian_grad", x, p)
+    assert 0 < want[0] < np.finfo(np.float64).tiny
+    got = sc.grad(x, surrogate="gaussian_grad", dtype="float64", **p)
+    assert got.dtype == np.float64 and abs(got[0]) < np.finfo(np.float64).tiny
+    assert_close(got, want, rtol=1e-12, atol=0.0, x=x, what="flushed")
+    with pytest.raises(AssertionError):  # a normal number is still compared strictly
+        assert_close(got + 1e-300, want, rtol=1e-12, atol=0.0, x=x, what="not flushed")
+
+
+# XLA on CPU flushes subnormal numbers to zero, so hypothesis draws no subnormal inputs, and
+# assert_close takes results that differ by less than the smallest normal number as equal (a
+# normal input can still give a subnormal result: a tiny alpha times a small Gaussian).
 def _pos(lo, hi):
     return st.floats(lo, hi, allow_subnormal=False)
 

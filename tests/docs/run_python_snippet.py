@@ -2,8 +2,9 @@
 
 ``python run_python_snippet.py SNIPPET.py``: executes the snippet as ``__main__``. An expression statement
 followed by ``# -> <output>`` (at the end of its last line, or alone on the next line; several such lines
-are one multi-line output) is checked: the ``repr`` of its value must equal ``<output>`` up to whitespace (NumPy pads and
-wraps its reprs); for ``print(...)`` the printed text, up to runs of whitespace. A ``# ->`` comment that follows no
+are one multi-line output) is checked: the ``repr`` of its value must equal ``<output>`` up to
+whitespace (NumPy pads and wraps its reprs); for ``print(...)`` the printed text, up to runs of
+whitespace. A ``# ->`` comment that follows no
 expression statement is an error, so a shown output is never silently unchecked. Exits 1 on a mismatch.
 """
 
@@ -99,7 +100,8 @@ def compile_snippet(source: str, filename: str):
 
 
 def main(path: str) -> int:
-    source = open(path).read()
+    with open(path) as f:
+        source = f.read()
     code = compile_snippet(source, path)
     namespace = {"__name__": "__main__", "__file__": path, "_check": _check, "_check_print": _check_print}
     try:

@@ -16,8 +16,9 @@ starts a server of its own) carries ``<!-- not-run: <reason> -->`` on the line b
 
 Shown output, one convention everywhere: a comment ``# -> <output>`` at the end of the line (or on the
 next line, alone) after a Python expression statement or a shell command. For Python the ``repr`` of the
-expression's value is compared (whitespace ignored; for ``print(...)`` the printed text, whitespace runs collapsed); for a
-shell command, its standard output (stripped). Several ``# -> `` lines in a row are one multi-line output.
+expression's value is compared (whitespace ignored; for ``print(...)`` the printed text, whitespace
+runs collapsed); for a shell command, its standard output (stripped). Several ``# -> `` lines in a row
+are one multi-line output.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def all_blocks() -> list[Block]:
 
 
 def pointed_at(code: str, base_url: str) -> str:
-    """``code`` with the documented local server (127.0.0.1:8000 / localhost:8000) replaced by ``base_url``'s host:port."""
+    """``code`` with the documented local server (127.0.0.1:8000, localhost:8000) pointed at ``base_url``."""
     hostport = base_url.split("://", 1)[1]
     return LOCAL.sub(hostport, code)
 

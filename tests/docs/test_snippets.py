@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from snippets import INERT, PARSE, RUN, all_blocks, blocks, pointed_at, shell_commands
 
 HERE = Path(__file__).resolve().parent
@@ -49,7 +48,8 @@ def run_shell(code: str, cwd: Path) -> None:
         )
         assert r.returncode == 0, f"line {cmd.line}: `{cmd.text}` exited {r.returncode}\n{r.stdout}\n{r.stderr}"
         if cmd.shown is not None:
-            assert r.stdout.strip() == cmd.shown, f"line {cmd.line}: `{cmd.text}`\nshown: {cmd.shown}\ngot:   {r.stdout.strip()}"
+            got = r.stdout.strip()
+            assert got == cmd.shown, f"line {cmd.line}: `{cmd.text}`\nshown: {cmd.shown}\ngot:   {got}"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,11 @@ def test_fences_are_found_with_their_markers(tmp_path):
         "1. a list item\n\n   ```sh\n   curl -s localhost:8000/healthz\n   # -> {\"status\":\"ok\"}\n   ```\n"
     )
     found = blocks(doc)
-    assert [(b.line, b.lang, b.not_run) for b in found] == [(3, "python", None), (8, "sh", "needs Docker"), (14, "sh", None)]
+    assert [(b.line, b.lang, b.not_run) for b in found] == [
+        (3, "python", None),
+        (8, "sh", "needs Docker"),
+        (14, "sh", None),
+    ]
     assert found[2].code == 'curl -s localhost:8000/healthz\n# -> {"status":"ok"}\n'
     assert pointed_at(found[2].code, "http://127.0.0.1:5555").startswith("curl -s 127.0.0.1:5555/healthz")
 
@@ -111,10 +115,12 @@ def test_python_runner_compares_shown_outputs(tmp_path):
     assert r.returncode == 0, r.stderr
     wrong = "import numpy as np\nnp.arange(3) * 2  # -> array([0, 2, 5])\n"
     r = run_python(wrong, tmp_path)
-    assert r.returncode == 1 and "array([0, 2, 4])" in r.stderr
+    assert r.returncode == 1
+    assert "array([0, 2, 4])" in r.stderr
     stray = "y = 1  # -> 1\n"
     r = run_python(stray, tmp_path)
-    assert r.returncode != 0 and "no expression statement" in r.stderr
+    assert r.returncode != 0
+    assert "no expression statement" in r.stderr
 
 
 def test_shell_runner_compares_shown_outputs(tmp_path):

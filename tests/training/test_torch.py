@@ -73,7 +73,7 @@ CASES = [
     ("piecewise_leaky_relu", {"c": 0.05, "w": 0.5}),
     ("gaussian_grad", {"sigma": 0.7, "alpha": 0.8}),
 ]
-TOL = {torch.float32: dict(rtol=2e-6, atol=1e-7), torch.float64: dict(rtol=1e-12, atol=1e-15)}
+TOL = {torch.float32: {"rtol": 2e-6, "atol": 1e-7}, torch.float64: {"rtol": 1e-12, "atol": 1e-15}}
 
 
 def _grads(fn, x, weights):
@@ -90,7 +90,8 @@ def test_gradients_equal_local_autograd(client, surrogate, params, dtype):
     weights = torch.randn(64, 33, generator=gen, dtype=dtype)  # a non-trivial incoming gradient
     served = _grads(spike_function(client, surrogate, **params), x, weights)
     local = _grads(local_spike(surrogate, **params), x, weights)
-    assert served.dtype == dtype and served.shape == x.shape
+    assert served.dtype == dtype
+    assert served.shape == x.shape
     assert (served != 0).sum() > 100  # the inputs reach into the surrogate's support
     torch.testing.assert_close(served, local, **TOL[dtype])
 
@@ -215,7 +216,7 @@ def test_snntorch_leaky_with_served_spike_grad(counted):
         grads.append([p.grad for m in net[:2] for p in m.parameters()])
     # one request per spiking layer per time step (snnTorch's reset uses a detached spike)
     assert transport.count() - start == 2 * len(inputs)
-    for g_served, g_local in zip(*grads):
+    for g_served, g_local in zip(*grads, strict=True):
         assert g_served.abs().sum() > 0
         torch.testing.assert_close(g_served, g_local, rtol=1e-5, atol=1e-7)
 
@@ -232,7 +233,8 @@ def test_training_steps_served_and_local_agree(client):
         for _ in range(5):
             opt.zero_grad()
             spk1, spk2 = _run(net, inputs)
-            assert spk1.sum() > 0 and spk2.sum() > 0  # both layers spike
+            assert spk1.sum() > 0
+            assert spk2.sum() > 0
             loss = torch.nn.functional.mse_loss(spk2.mean(0), target_rates)
             loss.backward()
             assert all(p.grad.abs().sum() > 0 for p in params)  # gradients reach every weight
@@ -241,7 +243,7 @@ def test_training_steps_served_and_local_agree(client):
         runs[name] = (losses, [p.detach().clone() for p in params])
     assert len(set(runs["served"][0])) > 1  # the weights move: the loss changes
     np.testing.assert_allclose(runs["served"][0], runs["local"][0], rtol=1e-5)
-    for p_served, p_local in zip(runs["served"][1], runs["local"][1]):
+    for p_served, p_local in zip(runs["served"][1], runs["local"][1], strict=True):
         torch.testing.assert_close(p_served, p_local, rtol=1e-5, atol=1e-6)
 
 
@@ -257,13 +259,15 @@ def test_unknown_surrogate_is_not_found(client):
 def test_bad_parameters_are_refused_when_made(client):
     with pytest.raises(ValidationError) as info:
         spike_function(client, "sigmoid", alpha=-1.0)
-    assert info.value.field == "alpha" and info.value.code == "invalid_value"
+    assert info.value.field == "alpha"
+    assert info.value.code == "invalid_value"
     with pytest.raises(ValidationError) as info:
         spike_function(client, "piecewise_quadratic", alpha=torch.tensor([1.0, 0.0]))
     assert info.value.field == "alpha"
     with pytest.raises(ValidationError) as info:
         spike_function(client, "sigmoid", alfa=2.0)
-    assert info.value.code == "unknown_field" and "alpha" in info.value.message
+    assert info.value.code == "unknown_field"
+    assert "alpha" in info.value.message
 
 
 def test_service_errors_during_backward_are_typed(counted):

@@ -81,8 +81,9 @@ class SpikeFunction:
         self._param_shapes = [np.shape(v) for v in self.params.values()]
 
     def __repr__(self) -> str:
-        args = "".join(f", {k}={v!r}" if np.ndim(v) == 0 else f", {k}=<array {np.shape(v)}>"
-                       for k, v in self.params.items())
+        args = "".join(
+            f", {k}={v!r}" if np.ndim(v) == 0 else f", {k}=<array {np.shape(v)}>" for k, v in self.params.items()
+        )
         return f"spike_function({self.client.base_url!r}, {self.surrogate!r}{args})"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
