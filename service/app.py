@@ -197,6 +197,7 @@ def create_app(settings: Settings | None = None) -> Any:
     if not logging.getLogger().handlers:  # a spawned worker process: nothing configured logging yet
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("jax").setLevel(logging.WARNING)
+    core.configure_for_serving()  # the service owns its process: tune JAX for serving
     service = Service(settings)
     if not settings.opentelemetry:
         return service

@@ -245,7 +245,11 @@ def _v2_infer(op: dict[str, Any]) -> None:
 # -- handlers ---------------------------------------------------------------------------------
 
 async def openapi_json(call: Call, rt: Runtime) -> Response:
-    return json_response(orjson.dumps(rt.contract()))
+    doc = rt.contract()
+    root = (call.scope.get("root_path") or "").rstrip("/")
+    if root and "servers" not in doc:  # started with uvicorn --root-path rather than SURROGATE_ROOT_PATH
+        doc = {**doc, "servers": [{"url": root}]}
+    return json_response(orjson.dumps(doc))
 
 
 def _assets() -> Path:

@@ -176,10 +176,14 @@ async def test_surrogates_listing(client):
     assert body["default"] == "piecewise_quadratic"
     pq = next(s for s in body["surrogates"] if s["name"] == "piecewise_quadratic")
     assert pq["parameters"] == [
-        {"name": "alpha", "default": 1.0, "constraint": "finite and > 0", "description": pq["parameters"][0]["description"]}
+        {"name": "alpha", "type": "number", "default": 1.0, "constraint": "finite and > 0",
+         "description": pq["parameters"][0]["description"]}
     ]
     assert "alpha**2" in pq["grad_formula"] and pq["has_fun"] is True
     assert (await client.get("/v1/surrogates/piecewise_quadratic")).json() == pq
+    sq = next(s for s in body["surrogates"] if s["name"] == "squarewave_fourier_series")
+    n = next(p for p in sq["parameters"] if p["name"] == "n")
+    assert n["type"] == "integer" and n["default"] == 2 and type(n["default"]) is int
     r = await client.get("/v1/surrogates/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_surrogate"
 

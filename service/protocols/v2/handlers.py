@@ -53,6 +53,7 @@ _NAMES = {v: k for k, v in DATATYPES.items()}
 OUTPUTS = {"spike": "spike", "grad": "grad", "fun": "fun", "vjp": "vjp"}
 #: request parameters the Triton clients may send that do not concern the computation
 _IGNORED_PARAMS = frozenset({"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
+_REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
 _STATUS = {422: 400, 406: 400}  # /v1's "valid JSON, invalid job" is OIP's plain bad request
 
 
@@ -235,9 +236,12 @@ async def infer(call: Call, rt: Runtime) -> Response:
         raise _bad(f"invalid JSON in the inference request: {exc}") from None
     if not isinstance(req, dict):
         raise _bad("the inference request must be a JSON object")
-    unknown = [k for k in req if k not in ("id", "parameters", "inputs", "outputs")]
+    unknown = [k for k in req if k not in _REQUEST_FIELDS]
     if unknown:
         raise _bad(f"unknown field {unknown[0]!r} in the inference request (fields: id, parameters, inputs, outputs)")
+    named = req.get("model_name")  # KServe's client repeats the model in the body
+    if named is not None and named != sur.name:
+        raise _bad(f"model_name {named!r} in the body differs from the model {sur.name!r} in the path")
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _bad("'inputs' must be a non-empty list of tensors")
