@@ -29,15 +29,17 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("jax").setLevel(logging.WARNING)
-    options = dict(
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        loop="auto",
-        http="auto",
-        timeout_graceful_shutdown=settings.graceful_timeout,
-        access_log=settings.access_log,
-    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "loop": "auto",
+        "http": _http_protocol(settings),
+        "timeout_graceful_shutdown": settings.graceful_timeout,
+        "access_log": settings.access_log,
+    }
+    if options["http"] == "h11":
+        options["h11_max_incomplete_event_size"] = settings.max_header_bytes
     if settings.workers > 1:
         # Workers are spawned processes that each build the app from the environment.
         import os
@@ -51,6 +53,17 @@ def main(argv: list[str] | None = None) -> None:
 
     surrogate_core.configure_for_serving()
     _GracefulServer(uvicorn.Config(create_app(settings), **options)).run()
+
+
+def _http_protocol(settings: Settings) -> str:
+    """uvicorn's httptools protocol with limits on request heads (service.httpproto); without
+    httptools, h11, whose own limit on an incomplete event covers the header size."""
+    try:
+        from . import httpproto
+    except ImportError:  # httptools is not installed
+        return "h11"
+    httpproto.configure(max_header_bytes=settings.max_header_bytes, header_timeout=settings.header_timeout)
+    return httpproto.PROTOCOL
 
 
 def create_worker_app() -> Any:
