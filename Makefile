@@ -39,9 +39,12 @@ openapi: $(STAMP)
 	$(BIN)/python -m service.contract > openapi.yaml
 
 # Static checks of the packages (configured in pyproject.toml); not part of `make test`.
+# Both run, whatever the first finds; the target fails if either does.
 lint: $(STAMP)
-	$(BIN)/ruff check surrogate_core service surrogate_client/src/surrogate_client tests/docs
-	$(BIN)/mypy surrogate_core service surrogate_client/src/surrogate_client
+	@status=0; \
+	$(BIN)/ruff check surrogate_core service surrogate_client/src/surrogate_client tests/docs || status=1; \
+	$(BIN)/mypy surrogate_core service surrogate_client/src/surrogate_client || status=1; \
+	exit $$status
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or nav entry fails.
 docs: $(STAMP)

@@ -680,13 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         with ExitStack() as peer_stack:
             peers = ({name: "--no-peers" for name in PEERS} if args.no_peers
                      else start_peers(peer_stack, list(PEERS)))
-            rows, trows, results["v2_peers"] = bench_v2_peers(sp, fp, peers, args.quick)
-        emit(table("7. Open Inference Protocol: the service's /v1 and /v2 beside KServe and MLServer serving the same "
-                   "jitted formula (v2 JSON tensors and the binary tensor extension), one kept-alive connection; "
-                   "answers checked against NumPy first",
-                   ["elements", "server", "request", "median ms", "/ service /v1 JSON"], rows))
-        emit(table("7b. 32 concurrent clients, 16 elements (aiohttp, fixed time each)",
-                   ["server", "request", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors"], trows))
+            peer_rows, peer_trows, results["v2_peers"] = bench_v2_peers(sp, fp, peers, args.quick)
     if full:
         rows, results["workers"] = bench_workers(args.quick)
         emit(table("5b. Workers: the same load against `--workers 2`",
@@ -694,6 +688,12 @@ def main(argv: list[str] | None = None) -> int:
         rows, results["compilation"] = bench_compilation(args.quick)
         emit(table("6. Compilation: requests of distinct random lengths in [1, 1,000,000] (.npy)",
                    ["pass", "requests", "compiled grad/float32 variants", "p50 ms", "p99 ms", "p99/p50"], rows))
+    emit(table("7. Open Inference Protocol: the service's /v1 and /v2 beside KServe and MLServer serving the same "
+               "jitted formula (v2 JSON tensors and the binary tensor extension), one kept-alive connection; "
+               "answers checked against NumPy first",
+               ["elements", "server", "request", "median ms", "/ service /v1 JSON"], peer_rows))
+    emit(table("7b. 32 concurrent clients, 16 elements (aiohttp, fixed time each)",
+               ["server", "request", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors"], peer_trows))
 
     trows = []
     for name, value, op, goal in targets(results):

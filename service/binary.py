@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import sys
 import zipfile
 from typing import Any
 
@@ -20,7 +22,9 @@ from numpy.lib import format as npformat
 
 from .errors import ApiError
 
-__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "BytesResponse", "NpyResponse", "decode_npy", "decode_npz"]
+__all__ = [
+    "ACCEPTED_KINDS", "NPY", "NPZ", "BytesResponse", "NpyResponse", "answer_bytes", "decode_npy", "decode_npz",
+]
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -31,7 +35,8 @@ MAX_NPZ_MEMBERS = 16
 
 
 def _bad(message: str, field: str | None = None, code: str = "invalid_binary") -> ApiError:
-    return ApiError(422, message if field is None else f"job 0, field {field!r}: {message}", code=code, job=0, field=field)
+    text = message if field is None else f"job 0, field {field!r}: {message}"
+    return ApiError(422, text, code=code, job=0, field=field)
 
 
 def _read_header(fp: Any, field: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -43,8 +48,9 @@ def _read_header(fp: Any, field: str) -> tuple[tuple[int, ...], bool, np.dtype]:
             shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=10_000)
         else:  # pragma: no cover - read_magic only returns known versions
             raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, EOFError, TypeError, SyntaxError) as exc:
-        raise _bad(f"not a valid .npy file: {exc}", field) from None
+    except (ValueError, EOFError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
+        raise _bad(f"not a valid .npy file: {_clean(exc)}", field) from None
+    _check_shape(shape, dtype, field)
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise _bad(f"dtype {dtype} is not allowed (object and structured arrays are refused)", field, "invalid_type")
     if dtype.newbyteorder("=") not in ACCEPTED_KINDS and dtype not in ACCEPTED_KINDS:
@@ -57,6 +63,32 @@ def _read_header(fp: Any, field: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     return shape, fortran, dtype
 
 
+def _clean(exc: BaseException) -> str:
+    """An exception's message fit for a client: no object reprs (``<ast.Name object at 0x...>``, which
+    NumPy's header parser puts in its messages), no echo of a long header."""
+    text = " ".join(str(exc).split())
+    if _OBJECT_REPR.search(text) or not text:
+        return "the header is not a Python literal dictionary of 'descr', 'fortran_order' and 'shape'"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _check_shape(shape: Any, dtype: np.dtype, field: str) -> None:
+    """The declared shape must be a tuple of non-negative Python ints (not booleans) whose array NumPy
+    can represent: NumPy's header reader lets ``(-1, -4)``, ``(True, 2)`` and ``(2**63, 0)`` through."""
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+        shown = repr(shape)
+        shown = shown if len(shown) <= 100 else shown[:100] + "..."
+        raise _bad(f"shape {shown} is not valid: every dimension must be a non-negative integer", field)
+    # NumPy's own rule, zero-size arrays included: the product of the non-zero dimensions, in bytes,
+    # must fit in a signed machine word
+    nonzero = math.prod(d for d in shape if d)
+    if nonzero * max(dtype.itemsize, 1) > sys.maxsize:
+        raise _bad(f"shape {list(shape)} is not valid: too large to represent", field)
+
+
 def _limits(shape: tuple[int, ...], field: str, max_rank: int, max_elements: int) -> int:
     if len(shape) > max_rank:
         raise _bad(f"rank {len(shape)} exceeds the limit of {max_rank}", field, "too_large")
@@ -66,7 +98,9 @@ def _limits(shape: tuple[int, ...], field: str, max_rank: int, max_elements: int
     return n
 
 
-def _array(data: bytes | memoryview, offset: int, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, n: int) -> np.ndarray:
+def _array(
+    data: bytes | memoryview, offset: int, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, n: int
+) -> np.ndarray:
     a = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
     a = a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
     if not dtype.isnative:
@@ -173,3 +207,36 @@ class NpyResponse:
 
 def _fits_v1(header: dict[str, Any]) -> bool:
     return len(repr(header)) < 60_000
+
+
+#: The longest JSON text of one element, by the itemsize of its dtype: float64's shortest round-trip
+#: repr is at most 24 characters (``-2.2250738585072014e-308``), float32's 15 (``-1.17549435e-38``);
+#: float16 and bfloat16 are written through float32.
+_MAX_JSON_ELEMENT = {8: 24, 4: 15, 2: 15}
+
+
+def answer_bytes(shape: tuple[int, ...], itemsize: int, json: bool) -> int:
+    """An upper estimate of the size in bytes of an encoded answer holding one result of ``shape``.
+
+    Zero-size dimensions count: a JSON answer of shape ``(100_000_000, 0)`` holds no element but is
+    ``[[],[],...]``, about 300 MB, so a size check on the element count alone lets it through. JSON:
+    per nesting level, every list costs its two brackets and a comma; every element its longest repr
+    and a comma; plus the envelope (names, dtype, shape). ``.npy``: the exact header and data size.
+    """
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    if not json:
+        return _npy_header_bytes(shape, itemsize) + n * itemsize
+    lists = sum(math.prod(shape[:i]) for i in range(len(shape)))  # every list at every level
+    element = _MAX_JSON_ELEMENT.get(itemsize, 24)
+    envelope = 256 + 21 * len(shape)  # {"surrogate": ..., "dtype": ..., "shape": [...], "grad": ...}
+    return envelope + 3 * lists + (element + 1) * n
+
+
+def _npy_header_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    # exactly as _npy_parts writes it (NumPy's writer pads the header for alignment and growth)
+    dtype = np.dtype(f"<f{itemsize}") if itemsize in (2, 4, 8) else np.dtype("<f8")
+    header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    buf = io.BytesIO()
+    npformat.write_array_header_1_0(buf, header) if _fits_v1(header) else npformat.write_array_header_2_0(buf, header)
+    return buf.tell()

@@ -72,6 +72,28 @@ class Settings(BaseSettings):
         False, description="Emit OpenTelemetry traces and metrics (FastAPI's native telemetry) when a provider is configured."
     )
     access_log: bool = Field(False, description="Log every request (uvicorn's access log); /metrics counts them anyway.")
+    max_header_bytes: int = Field(
+        65536,
+        ge=1024,
+        description="Largest request line plus headers (bytes); past it, 431 and the connection is closed.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a connection may take to send a request's line and headers; past it, 408 and close.",
+    )
+    memory_budget: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes of request and answer data held at once; unset: the container's memory limit "
+        "minus the process's own footprint and a margin.",
+    )
+    shutdown_drain: float = Field(
+        0.5,
+        ge=0,
+        le=30,
+        description="On SIGTERM, seconds the listener stays open answering 503 (Connection: close) before it closes.",
+    )
 
     @field_validator("root_path")
     @classmethod

@@ -69,4 +69,7 @@ def test_documentation_site_builds_strict(tmp_path):
         cwd=ROOT, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "site" / "api" / "index.html").is_file()
+    site = tmp_path / "site"
+    assert (site / "api" / "index.html").is_file()
+    # a repository file a page links to (../openapi.yaml) is published with the site
+    assert (site / "_repo" / "openapi.yaml").read_bytes() == (ROOT / "openapi.yaml").read_bytes()
