@@ -122,7 +122,8 @@ trap 'log "command failed (line $LINENO): $BASH_COMMAND"' ERR
 
 # --- 1. install --------------------------------------------------------------------------------------------
 t=$(now)
-PKGS=(podman buildah runc debootstrap netavark aardvark-dns curl)
+# netavark (the container network) needs iptables, which a fresh Debian machine lacks
+PKGS=(podman buildah runc debootstrap netavark aardvark-dns iptables curl)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,4 +1,11 @@
-"""``create_app(settings)``: builds the FastAPI app; the lifespan warms up the core."""
+"""``create_app(settings)``: the service as one ASGI application.
+
+A request flows one way: the router (from the route table) picks the endpoint; auth; for compute
+endpoints the data plane admits it (concurrency, time limit); the protocol adapter decodes the body
+into core jobs, the data plane computes them (batcher, engine), the adapter encodes the results;
+any ``ApiError`` on the way is rendered in the endpoint's protocol shape. Every request is counted
+once in the metrics, under its route template.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +14,28 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
-
-from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
-from pydantic.json_schema import models_json_schema
 
 import surrogate_core as core
 
 from . import __version__
-from .errors import install_error_handlers
-from .batching import Batcher
-from .metrics import Metrics
-from .middleware import ServiceMiddleware
-from .routes import compute_router, health_router, meta_router, metrics_router
-from .security import token_digests
-from .schemas import COMPUTE_MODELS, ErrorResponse
+from .asgi import Call, ClientGone
+from .dataplane import DataPlane
+from .errors import ApiError
+from .protocols.v1.handlers import render_error as v1_error
+from .protocols.v2.handlers import render_error as v2_error
+from .routes import Endpoint, Router, table
+from .security import check_token, token_digests
 from .settings import Settings
 from .state import Runtime
 
-__all__ = ["create_app"]
+__all__ = ["Service", "create_app"]
 
 log = logging.getLogger("service")
+errlog = logging.getLogger("service.errors")
 
-DESCRIPTION = """\
-Spikes and surrogate gradients of spiking neural networks, over HTTP, with the semantics of
-`braintools.surrogate`. The spike is the Heaviside step H(x) = 1 where x >= 0, else 0; its
-surrogate gradient g'(x) replaces the true derivative in a backward pass.
-
-Every compute endpoint takes one job object or a list of job objects. Every error has the body
-`{"error": {"status", "code", "message", "job", "field"}}`.
-"""
+_RENDER = {"v1": v1_error, "v2": v2_error}
 
 
 def _warm_up(rt: Runtime) -> None:
@@ -49,33 +47,34 @@ def _warm_up(rt: Runtime) -> None:
         )
         log.info("warm-up compiled %d variants in %.1f s; ready", n, time.perf_counter() - t0)
     except Exception as exc:  # the service still answers; compilation then happens on demand
-        rt.warmup_error = repr(exc)
+        rt.dataplane.warmup_error = repr(exc)
         log.exception("warm-up failed; compiling on demand")
     rt.ready.set()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-    if not logging.getLogger().handlers:  # a spawned worker process: nothing configured logging yet
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("jax").setLevel(logging.WARNING)
-    engine = core.Engine(min_bucket=1 << max(0, (settings.min_bucket - 1).bit_length()))
-    batcher = Batcher(
-        engine,
-        max_delay=settings.batch_max_delay,
-        max_batch_elements=settings.batch_max_elements,
-        max_queue=settings.max_queue,
-        offload_elements=settings.offload_elements,
-    )
-    metrics = Metrics(engine, lambda: batcher.depth)
-    batcher.on_batch = metrics.on_batch
-    rt = Runtime(
-        settings=settings, engine=engine, batcher=batcher, metrics=metrics,
-        token_digests=token_digests(settings.tokens()),
-    )
+class Service:
+    """The ASGI application: lifespan, routing from the table, auth, admission, errors, metrics."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        engine = core.Engine(min_bucket=1 << max(0, (settings.min_bucket - 1).bit_length()))
+        self.runtime = rt = Runtime(
+            settings=settings, engine=engine, dataplane=DataPlane(settings, engine),
+            token_digests=token_digests(settings.tokens()),
+        )
+        rt.contract = self.openapi
+        self.state = SimpleNamespace(runtime=rt)
+        self.endpoints = table()
+        self.router = Router(self.endpoints)
+        self.root_path = settings.root_path or ""
+        self._openapi: dict[str, Any] | None = None
+        self._warmup: asyncio.Task | None = None
+
+    # -- lifespan ------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Start (warm-up in a thread; /readyz is 503 until done) and stop (drain the batcher)."""
+        rt, s = self.runtime, self.settings
         dev = core.device_info()
         log.info(
             "surrogate-serve %s computing on %s (%s, %d device(s)), jax %s",
@@ -85,169 +84,128 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("authentication on: %d bearer token(s) accepted", len(rt.token_digests))
         else:
             log.warning("authentication off: no SURROGATE_API_TOKEN set, every client is served")
-        task = None
-        if settings.warmup:
-            task = asyncio.create_task(asyncio.to_thread(_warm_up, rt))
+        if s.warmup:
+            self._warmup = asyncio.create_task(asyncio.to_thread(_warm_up, rt))
         else:
             rt.ready.set()
         try:
             yield
         finally:
-            await batcher.drain(settings.graceful_timeout)
-            if task is not None and not task.done():
+            await rt.batcher.drain(s.graceful_timeout)
+            if self._warmup is not None and not self._warmup.done():
                 with contextlib.suppress(BaseException):
-                    await task
+                    await self._warmup
 
-    app = FastAPI(
-        title="surrogate-serve",
-        version=__version__,
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        license_info={"name": "Apache-2.0", "identifier": "Apache-2.0"},
-        # off unless asked for: checking for a provider costs ~15 us per request
-        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
-    )
-    app.state.runtime = rt
-    install_error_handlers(app)
-    app.include_router(compute_router)
-    app.include_router(meta_router)
-    app.include_router(health_router)
-    app.include_router(metrics_router)
-    app.add_middleware(ServiceMiddleware, runtime=rt)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return app
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        cm = self.lifespan()
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await cm.__aenter__()
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await cm.__aexit__(None, None, None)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests ------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        # websockets: none served; returning without accepting closes them
+
+    def _path(self, scope: dict[str, Any]) -> str:
+        path: str = scope["path"]
+        root = self.root_path or scope.get("root_path", "").rstrip("/")
+        if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+            path = path[len(root):] or "/"  # servers (uvicorn) put the root path in front of the path
+        return path
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        t0 = time.perf_counter()
+        rt = self.runtime
+        path = self._path(scope)
+        hit = self.router.match(path)
+        ep: Endpoint | None = None
+        params: dict[str, str] = {}
+        if hit is not None:
+            methods, params = hit
+            ep = methods.get(scope["method"]) or (methods.get("GET") if scope["method"] == "HEAD" else None)
+        protocol = "v2" if path == "/v2" or path.startswith("/v2/") else "v1"
+        label = ep.path if ep is not None else "other"
+        call = Call(scope, receive, send, params)
+        try:
+            if ep is None:
+                if hit is None:
+                    raise ApiError(404, f"no route {path}; see /docs or /openapi.json")
+                allow = ", ".join(sorted(hit[0]))
+                raise ApiError(405, f"method {scope['method']} not allowed on {path}; allowed: {allow}",
+                               headers={"Allow": allow})
+            protocol = ep.protocol
+            if ep.auth and rt.token_digests:
+                check_token(rt.token_digests, call.header(b"authorization"))
+            if ep.compute:
+                await rt.dataplane.admitted(self._respond, ep, call)
+            else:
+                await call.respond(await ep.handler(call, rt))
+        except ApiError as err:
+            await self._refuse(call, protocol, err)
+        except ClientGone:  # gone mid-upload: nothing to answer; counted as 499 (as nginx does)
+            rt.metrics.reject("client_disconnect")
+        except Exception:
+            errlog.exception("unhandled error on %s %s", scope["method"], path)
+            if not call.status:
+                await call.respond(_RENDER[protocol](ApiError(500, "internal error; the server log has the details")))
+        finally:
+            status = 499 if call.disconnected else (call.status or 500)
+            rt.metrics.observe_request(label, protocol, status, time.perf_counter() - t0)
+
+    async def _respond(self, ep: Endpoint, call: Call) -> None:
+        await call.respond(await ep.handler(call, self.runtime))
+
+    async def _refuse(self, call: Call, protocol: str, err: ApiError) -> None:
+        if err.code == "timeout" and not call.body_done:  # still uploading: a slow client, not a slow server
+            err = ApiError(408, f"the request body did not arrive within {self.settings.request_timeout} s",
+                           code="request_timeout", headers={"Connection": "close"}, reason="timeout")
+        if err.reason:
+            self.runtime.metrics.reject(err.reason)
+        if call.status:  # the answer has started (a timeout while sending): nothing more can be said
+            return
+        await call.respond(_RENDER[protocol](err))
+
+    # -- the contract --------------------------------------------------------------------------
+    def openapi(self) -> dict[str, Any]:
+        if self._openapi is None:
+            from .docs import build_openapi
+
+            self._openapi = build_openapi(self.endpoints, self.settings)
+        return self._openapi
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """The contract: FastAPI's schema plus the compute bodies, which the routes decode themselves."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(
-        title=app.title,
-        version=app.version,
-        description=app.description,
-        routes=app.routes,
-        license_info=app.license_info,
-    )
-    models = [(m, "validation") for req, res, _ in COMPUTE_MODELS.values() for m in (req, res)]
-    models.append((ErrorResponse, "validation"))
-    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components.update(defs.get("$defs", {}))
+def create_app(settings: Settings | None = None) -> Any:
+    """The service's ASGI application (a ``Service``; with ``SURROGATE_OPENTELEMETRY=true``, the
+    same wrapped in FastAPI's native OpenTelemetry instrumentation)."""
+    settings = settings or Settings()
+    if not logging.getLogger().handlers:  # a spawned worker process: nothing configured logging yet
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("jax").setLevel(logging.WARNING)
+    core.configure_for_serving()  # the service owns its process: tune JAX for serving
+    service = Service(settings)
+    if not settings.opentelemetry:
+        return service
+    from fastapi import FastAPI
 
-    def ref(name: str) -> dict[str, str]:
-        return {"$ref": f"#/components/schemas/{name}"}
+    traced = FastAPI(lifespan=lambda _: service.lifespan(), openapi_url=None, docs_url=None, redoc_url=None)
+    traced.mount("/", service)
+    traced.state.runtime = service.runtime
+    traced.openapi = service.openapi  # type: ignore[method-assign]
+    return traced
 
-    def error(description: str) -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": ref("ErrorResponse")}}}
-
-    for endpoint, (req, res, key) in COMPUTE_MODELS.items():
-        op = schema["paths"][f"/v1/{endpoint}"]["post"]
-        example_job = req.model_config["json_schema_extra"]["examples"][0]
-        example_res = res.model_config["json_schema_extra"]["examples"][0]
-        binary_note = (
-            "Binary bodies only (application/x-npy or application/x-npz); a JSON body carries these "
-            "fields in the job object and must have no query string."
-        )
-        params = [
-            {
-                "name": "surrogate",
-                "in": "query",
-                "required": False,
-                "description": "The surrogate. " + binary_note,
-                "schema": ref("SurrogateName"),
-            },
-            {
-                "name": "dtype",
-                "in": "query",
-                "required": False,
-                "description": "Computation dtype; default: the .npy array's own (float16, float32, float64). "
-                "bfloat16 travels as float32 with dtype=bfloat16. " + binary_note,
-                "schema": {"type": "string", "enum": list(core.DTYPES)},
-            },
-        ]
-        names = sorted({p.name for sur in core.all_surrogates() for p in sur.params})
-        if endpoint == "grad":
-            names.append("cotangent")
-        for name in names:
-            params.append(
-                {
-                    "name": name,
-                    "in": "query",
-                    "required": False,
-                    "description": f"Scalar {name} (an array goes in an .npz member of that name). " + binary_note,
-                    "schema": {"type": "number"},
-                }
-            )
-        op["parameters"] = params
-        op["requestBody"] = {
-            "required": True,
-            "description": "One job, or a non-empty list of jobs (answered in order), as JSON; or one job as a "
-            "binary body: x as a .npy file (application/x-npy) with scalar fields in the query string, or an .npz "
-            "archive (application/x-npz) of named arrays x, parameters and cotangent. Binary input may hold NaN "
-            "and infinities (IEEE semantics); objects, structured dtypes and pickles are refused.",
-            "content": {
-                "application/x-npy": {
-                    "schema": {"type": "string", "format": "binary"},
-                    "example": "<x as written by numpy.save, e.g. float32 [-2, -0.5, 0, 0.5, 2]>",
-                },
-                "application/x-npz": {
-                    "schema": {"type": "string", "format": "binary"},
-                    "example": "<numpy.savez(f, x=..., alpha=np.array([[0.5], [1], [2], [4]]))>",
-                },
-                "application/json": {
-                    "schema": {
-                        "oneOf": [ref(req.__name__), {"type": "array", "minItems": 1, "items": ref(req.__name__)}]
-                    },
-                    "examples": {
-                        "seed": {"summary": "The seed's example", "value": example_job},
-                        "batch": {"summary": "A list of jobs", "value": [example_job, {"x": [[0.25, -1.5]]}]},
-                    },
-                }
-            },
-        }
-        op["responses"] = {
-            "200": {
-                "description": "The result (a list of results, in order, for a list of jobs); a .npy file "
-                "when the request has Accept: application/x-npy.",
-                "content": {
-                    "application/json": {
-                        "schema": {"oneOf": [ref(res.__name__), {"type": "array", "items": ref(res.__name__)}]},
-                        "example": example_res,
-                    },
-                    "application/x-npy": {
-                        "schema": {"type": "string", "format": "binary"},
-                        "example": "<the result as a .npy file; bfloat16 results as float32>",
-                    },
-                },
-                "headers": {
-                    "X-Surrogate-Dtype": {
-                        "description": "On .npy answers: the computation dtype (bfloat16 travels as float32).",
-                        "schema": {"type": "string"},
-                    },
-                    "X-Surrogate-Name": {
-                        "description": "On .npy answers: the surrogate used.",
-                        "schema": {"type": "string"},
-                    },
-                },
-            },
-            "400": error("Malformed body: not JSON, or empty."),
-            "406": error("Accept: application/x-npy for a list of jobs (lists are answered in JSON)."),
-            "401": error("Missing or wrong bearer token (only when the server has a token configured)."),
-            "408": error("The body did not arrive within the request time limit."),
-            "413": error("Body over the configured byte limit."),
-            "415": error("Unsupported Content-Type."),
-            "422": error(
-                "Invalid job: the message names the job index and field. Also a malformed, truncated, "
-                "object-dtype or oversized binary body (code invalid_binary, invalid_type or too_large)."
-            ),
-            "500": error("Unexpected server error (logged; no details leak)."),
-            "503": {
-                "description": "Overloaded (queue or concurrency limit), over the time limit, or the device "
-                "ran out of memory: retry after Retry-After seconds.",
-                "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
-                "content": {"application/json": {"schema": ref("ErrorResponse")}},
-            },
-        }
-    app.openapi_schema = schema
-    return schema

@@ -6,8 +6,9 @@ batcher. When the batcher is idle a request is dispatched at once (no added late
 busy, arrivals within ``max_delay`` seconds are gathered into the next batch. The queue is bounded:
 past ``max_queue`` waiting requests, ``submit`` refuses at once with ``Overloaded`` (503 with
 Retry-After) instead of letting latency grow without bound. Batches above ``offload_elements``
-compute in a worker thread, so large requests never block the event loop; small ones compute
-inline, which is cheaper than a thread hop. A failure in a device call fails only the requests of
+and batches that need a variant not compiled yet compute in a worker thread, so neither large
+requests nor compilations block the event loop; small warm ones compute inline, which is cheaper
+than a thread hop. A failure in a device call fails only the requests of
 that batch.
 """
 
@@ -85,7 +86,7 @@ class Batcher:
             raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         elements = sum(j.size for j in jobs)
-        if not self._pending and elements <= self.offload_elements and self._idle(loop):
+        if not self._pending and elements <= self.offload_elements and self._idle(loop) and self.engine.is_compiled(jobs):
             # Nothing to gather with and nothing recent: answer at once, inline (no future, no extra
             # turn of the event loop). Under load requests take the gathering path below.
             self._last_flush = loop.time()
@@ -143,7 +144,8 @@ class Batcher:
     def _dispatch(self, items: list[_Item]) -> None:
         jobs = [j for it in items for j in it.jobs]
         total = sum(it.elements for it in items)
-        if total > self.offload_elements:
+        if total > self.offload_elements or not self.engine.is_compiled(jobs):
+            # large, or needs a compilation first: either would hold the event loop too long
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._run_thread(items, jobs, total))
             self._tasks.add(task)

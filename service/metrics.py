@@ -42,9 +42,12 @@ class _EngineCollector(Collector):
 class Metrics:
     def __init__(self, engine: core.Engine, depth: Callable[[], int]) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("surrogate_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "surrogate_requests", "HTTP requests by endpoint, protocol and status.", ["endpoint", "protocol", "status"], registry=r
+        )
         self.latency = Histogram(
-            "surrogate_request_duration_seconds", "Request latency by endpoint.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+            "surrogate_request_duration_seconds", "Request latency by endpoint.", ["endpoint", "protocol"], buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge("surrogate_requests_in_flight", "Compute requests being handled.", registry=r)
         self.elements = Counter("surrogate_elements", "Result elements computed, by endpoint.", ["endpoint"], registry=r)
@@ -71,9 +74,12 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self._child(self.requests, endpoint, str(status)).inc()
-        self._child(self.latency, endpoint).observe(seconds)
+    def observe_request(self, endpoint: str, protocol: str, status: int, seconds: float) -> None:
+        self._child(self.requests, endpoint, protocol, str(status)).inc()
+        self._child(self.latency, endpoint, protocol).observe(seconds)
+
+    def reject(self, reason: str) -> None:
+        self._child(self.rejections, reason).inc()
 
     def count_elements(self, endpoint: str, n: int) -> None:
         self._child(self.elements, endpoint).inc(n)

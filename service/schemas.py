@@ -33,6 +33,7 @@ __all__ = [
     "Health",
     "Readiness",
     "COMPUTE_MODELS",
+    "V2_MODELS",
 ]
 
 NumArray = TypeAliasType("NumArray", Union[float, list["NumArray"]])  # type: ignore[misc]
@@ -182,6 +183,7 @@ class ErrorResponse(BaseModel):
 
 class ParameterInfo(BaseModel):
     name: str
+    type: Literal["number", "integer"] = Field(description="integer for whole-number parameters (e.g. n).")
     default: float
     constraint: str
     description: str
@@ -221,3 +223,135 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "warming_up"]
+
+
+# -- the Open Inference Protocol (documentation of /v2; the handlers decode and encode themselves) --
+
+V2Datatype = Literal["FP16", "FP32", "FP64", "BF16"]
+
+
+class V2Error(BaseModel):
+    """Every /v2 error (OIP shape)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"error": "input 'alpha': must be finite and > 0, got -1.0"}]})
+    error: str = Field(description="What is wrong, naming the input, output or parameter.")
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for a free dimension.")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+V2RepositoryIndex = TypeAliasType("V2RepositoryIndex", list[V2RepositoryModel])  # type: ignore[misc]
+
+
+class V2RepositoryIndexRequest(BaseModel):
+    ready: bool | None = None
+
+
+class V2InputTensor(BaseModel):
+    name: str = Field(description="x, a parameter of the surrogate (braintools' name) or cotangent.")
+    shape: list[int]
+    datatype: V2Datatype
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: the tensor's bytes in the binary part of the body (then no data)."
+    )
+    data: NumArray | None = Field(None, description="The values, flat (row-major) or nested.")
+
+
+class V2RequestedOutput(BaseModel):
+    name: Literal["spike", "grad", "fun", "vjp"]
+    parameters: dict[str, Any] | None = Field(None, description="binary_data: true for a binary output.")
+
+
+class V2InferRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "parameters": {"alpha": 1.0},
+                    "inputs": [{"name": "x", "shape": [5], "datatype": "FP32", "data": SEED_X}],
+                    "outputs": [{"name": "spike"}, {"name": "grad"}],
+                }
+            ]
+        }
+    )
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="Scalar surrogate parameters by name; binary_data_output: true for binary outputs."
+    )
+    inputs: list[V2InputTensor]
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: V2Datatype
+    parameters: dict[str, Any] | None = None
+    data: list[float] | None = Field(None, description="Flat, row-major (absent for binary outputs).")
+
+
+class V2InferResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "piecewise_quadratic",
+                    "model_version": "1",
+                    "id": "42",
+                    "outputs": [
+                        {"name": "spike", "datatype": "FP32", "shape": [5], "data": [0.0, 0.0, 1.0, 1.0, 1.0]},
+                        {"name": "grad", "datatype": "FP32", "shape": [5], "data": [0.0, 0.5, 1.0, 0.5, 0.0]},
+                    ],
+                }
+            ]
+        }
+    )
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2OutputTensor]
+
+
+V2_MODELS: dict[str, Any] = {
+    m.__name__ if hasattr(m, "__name__") else str(m): m
+    for m in (V2Error, V2ServerMetadata, V2Live, V2Ready, V2ModelReady, V2ModelMetadata, V2RepositoryIndexRequest,
+              V2InferRequest, V2InferResponse)
+}

@@ -10,31 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
-
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
 from .errors import ApiError
 
-__all__ = ["bearer_scheme", "check_token", "require_token", "token_digests"]
-
-bearer_scheme = HTTPBearer(
-    auto_error=False,
-    scheme_name="bearerAuth",
-    description="Needed only when the server is configured with SURROGATE_API_TOKEN or SURROGATE_API_TOKEN_FILE.",
-)
+__all__ = ["check_token", "token_digests"]
 
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
-
-
-async def require_token(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
-) -> None:
-    """FastAPI dependency form of :func:`check_token`."""
-    check_token(request.app.state.runtime.token_digests, request.headers.get("authorization"))
 
 
 def check_token(digests: list[bytes], authorization: str | None) -> None:

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind (`make serve` and `python -m service`).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
+    root_path: str | None = Field(
+        None, description="The path prefix a proxy strips before forwarding (e.g. `/api`); named in the contract's `servers`."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service and the core."
     )
@@ -91,6 +94,16 @@ class Settings(BaseSettings):
         le=30,
         description="On SIGTERM, seconds the listener stays open answering 503 (Connection: close) before it closes.",
     )
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, v: str | None) -> str | None:
+        if v is None or not v.strip().rstrip("/"):
+            return None
+        v = v.strip().rstrip("/")
+        if not v.startswith("/"):
+            raise ValueError("SURROGATE_ROOT_PATH must start with '/' (e.g. /api)")
+        return v
 
     @field_validator("api_token", "api_token_file", mode="before")
     @classmethod

@@ -1,13 +1,16 @@
-"""The per-app runtime state shared by the routes (one instance in ``app.state.runtime``)."""
+"""The per-app runtime shared by the endpoint handlers (``app.state.runtime``)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import surrogate_core as core
 
 from .batching import Batcher
+from .dataplane import DataPlane
 from .metrics import Metrics
 from .settings import Settings
 
@@ -18,8 +21,19 @@ __all__ = ["Runtime"]
 class Runtime:
     settings: Settings
     engine: core.Engine
-    batcher: Batcher
-    metrics: Metrics
+    dataplane: DataPlane
     token_digests: list[bytes] = field(default_factory=list)
-    ready: threading.Event = field(default_factory=threading.Event)
-    warmup_error: str | None = None
+    #: the OpenAPI document (built once, on first use)
+    contract: Callable[[], dict[str, Any]] = field(default=dict)
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.dataplane.batcher
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.dataplane.metrics
+
+    @property
+    def ready(self) -> threading.Event:
+        return self.dataplane.ready

@@ -58,8 +58,9 @@ def test_all_is_exactly_the_public_api_and_sorted():
     for name in PUBLIC:
         assert getattr(surrogate_client, name) is not None
     public_attrs = {n for n in vars(surrogate_client) if not n.startswith("_")}
-    # nothing else public but the private modules' names, which Python binds on import
-    assert public_attrs - set(PUBLIC) == set()
+    # nothing else public but the private modules' names, which Python binds on import, and the
+    # framework adapters (surrogate_client.torch, surrogate_client.jax) once something imported them
+    assert public_attrs - set(PUBLIC) <= {"torch", "jax"}
 
 
 def test_installed_from_its_own_distribution():

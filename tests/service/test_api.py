@@ -176,10 +176,14 @@ async def test_surrogates_listing(client):
     assert body["default"] == "piecewise_quadratic"
     pq = next(s for s in body["surrogates"] if s["name"] == "piecewise_quadratic")
     assert pq["parameters"] == [
-        {"name": "alpha", "default": 1.0, "constraint": "finite and > 0", "description": pq["parameters"][0]["description"]}
+        {"name": "alpha", "type": "number", "default": 1.0, "constraint": "finite and > 0",
+         "description": pq["parameters"][0]["description"]}
     ]
     assert "alpha**2" in pq["grad_formula"] and pq["has_fun"] is True
     assert (await client.get("/v1/surrogates/piecewise_quadratic")).json() == pq
+    sq = next(s for s in body["surrogates"] if s["name"] == "squarewave_fourier_series")
+    n = next(p for p in sq["parameters"] if p["name"] == "n")
+    assert n["type"] == "integer" and n["default"] == 2 and type(n["default"]) is int
     r = await client.get("/v1/surrogates/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_surrogate"
 
@@ -194,16 +198,22 @@ async def test_info_reports_device_and_versions(client):
 
 
 async def test_unknown_route_and_method_use_the_error_model(client):
-    r = await client.get("/v2/nothing")
+    r = await client.get("/v3/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = await client.get("/v1/grad")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"
+    # under /v2 the same in the Open Inference Protocol's shape
+    r = await client.get("/v2/nothing")
+    assert r.status_code == 404 and r.json() == {"error": "no route /v2/nothing; see /docs or /openapi.json"}
+    r = await client.get("/v2/models/sigmoid/infer")
+    assert r.status_code == 405 and "allowed: POST" in r.json()["error"]
 
 
 async def test_readiness_waits_for_warm_up():
     app = create_app(make_settings(warmup=True, warmup_max_elements=2048))
     transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app):
+    async with app.lifespan():
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             assert (await c.get("/healthz")).json() == {"status": "ok"}
             first = await c.get("/readyz")

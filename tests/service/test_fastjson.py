@@ -7,7 +7,7 @@ import numpy as np
 import orjson
 import pytest
 
-from service import codecs, fastjson
+from service.protocols.v1 import codecs, fastjson
 
 pytestmark = pytest.mark.anyio
 BIG = 5000  # elements: enough to pass fastjson.MIN_BYTES

@@ -27,7 +27,7 @@ class App:
         self.rt = self.app.state.runtime
 
     async def __aenter__(self):
-        self._lifespan = self.app.router.lifespan_context(self.app)
+        self._lifespan = self.app.lifespan()
         await self._lifespan.__aenter__()
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://t", timeout=30
@@ -183,12 +183,12 @@ async def test_a_device_failure_fails_only_its_batch(exc, status, code):
 
 async def test_unexpected_errors_are_a_generic_500(monkeypatch):
     async with App() as a:
-        import service.routes
+        import service.protocols.v1.handlers as v1
 
         def boom(*args, **kw):
             raise KeyError("internal detail")
 
-        monkeypatch.setattr(service.routes, "result_dict", boom)
+        monkeypatch.setattr(v1, "result_dict", boom)
         r = await grad(a.client)
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         assert "internal detail" not in r.text
@@ -232,9 +232,9 @@ async def test_metrics_count_requests_compilations_and_device():
         await grad(a.client)
         await grad(a.client, alpha=-1)
         text = (await a.client.get("/metrics")).text
-        assert 'surrogate_requests_total{endpoint="/v1/grad",status="200"} 1.0' in text
-        assert 'surrogate_requests_total{endpoint="/v1/grad",status="422"} 1.0' in text
-        assert 'surrogate_request_duration_seconds_bucket{endpoint="/v1/grad"' in text
+        assert 'surrogate_requests_total{endpoint="/v1/grad",protocol="v1",status="200"} 1.0' in text
+        assert 'surrogate_requests_total{endpoint="/v1/grad",protocol="v1",status="422"} 1.0' in text
+        assert 'surrogate_request_duration_seconds_bucket{endpoint="/v1/grad",le=' in text
         assert "surrogate_compilations_total 1.0" in text
         assert 'surrogate_compiled_variants{dtype="float32",op="grad",surrogate="piecewise_quadratic"} 1.0' in text
         assert 'surrogate_elements_total{endpoint="grad"} 5.0' in text
@@ -243,7 +243,7 @@ async def test_metrics_count_requests_compilations_and_device():
         # unknown paths share one label: no unbounded cardinality
         await a.client.get("/nope/1")
         await a.client.get("/nope/2")
-        assert 'surrogate_requests_total{endpoint="other",status="404"} 2.0' in (await a.client.get("/metrics")).text
+        assert 'surrogate_requests_total{endpoint="other",protocol="v1",status="404"} 2.0' in (await a.client.get("/metrics")).text
 
 
 # -- hostile input ----------------------------------------------------------------------------

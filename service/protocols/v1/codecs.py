@@ -15,56 +15,34 @@ from typing import Any
 
 import numpy as np
 import orjson
-from starlette.requests import Request
 
 import surrogate_core as core
 from surrogate_core._jobs import unknown_param_message
 
-from .errors import ApiError
+from ...errors import ApiError
 
 __all__ = [
-    "all_finite",
-    "check_media_type",
+    "accepts_npy",
     "encode_json",
     "has_literals",
+    "job_from_binary",
     "jobs_from_json",
     "json_array",
+    "media_type",
     "parse_json",
-    "read_body",
     "result_dict",
 ]
 
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as the declared or received size passes ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            n = int(declared)
-        except ValueError:
-            raise ApiError(400, "Content-Length is not an integer") from None
-        if n > limit:
-            raise ApiError(413, f"request body of {n} bytes is over the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def check_media_type(request: Request, accepted: tuple[str, ...]) -> str:
+def media_type(content_type: str | None, accepted: tuple[str, ...]) -> str:
     """The request's media type if it is one of ``accepted`` (a missing header counts as JSON)."""
-    raw = request.headers.get("content-type")
-    if raw is None:
+    if content_type is None:
         return "application/json"
-    mt = raw.split(";", 1)[0].strip().lower()
+    mt = content_type.split(";", 1)[0].strip().lower()
     if mt not in accepted:
-        raise ApiError(415, f"unsupported Content-Type {raw!r}; send one of: {', '.join(accepted)}")
+        raise ApiError(415, f"unsupported Content-Type {content_type!r}; send one of: {', '.join(accepted)}")
     return mt
 
 
@@ -185,7 +163,7 @@ def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.nd
     if not isinstance(value, list):
         if isinstance(value, int) and abs(value) >= 2**63:
             return _big_int(value, field)
-        return np.asarray(value)
+        return np.asarray(float(value))
     if not careful:
         try:
             a = np.asarray(value)
@@ -194,7 +172,9 @@ def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.nd
         if a is not None and a.dtype.kind in "if":
             if a.ndim > max_rank:
                 raise ValueError(f"{field}: rank {a.ndim} exceeds the limit of {max_rank}")
-            return a
+            # a JSON number is read as the nearest float64 (as the simdjson path and most JSON
+            # readers do), then cast to the job's dtype: integers take the same route as decimals
+            return a if a.dtype.kind == "f" else a.astype(np.float64)
     shape = _walk(value, field, max_rank)
     try:
         return np.asarray(value, dtype=np.float64).reshape(shape)
@@ -271,16 +251,6 @@ def encode_json(payload: Any) -> bytes:
 
 def result_dict(op_key: str, surrogate: str, dtype: str, arr: np.ndarray) -> dict[str, Any]:
     return {"surrogate": surrogate, "dtype": dtype, "shape": list(arr.shape), op_key: _for_json(arr)}
-
-
-def _isfinite(a: np.ndarray) -> np.ndarray:
-    # bfloat16 (ml_dtypes) is not a NumPy float kind: widen it (exactly) to float32 first
-    return np.isfinite(a if a.dtype.kind == "f" else a.astype(np.float32))
-
-
-def all_finite(a: np.ndarray) -> bool:
-    return a.size == 0 or bool(_isfinite(a).all())
-
 
 
 def jobs_from_json(
@@ -371,17 +341,17 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
 
 
 def job_from_binary(
-    endpoint: str, media_type: str, body: bytes, query: Any, *, max_rank: int, max_elements: int
+    endpoint: str, media_type: str, body: bytes, query: list[tuple[str, str]], *, max_rank: int, max_elements: int
 ) -> core.Job:
     """One job from an ``.npy`` (x) or ``.npz`` (x, parameters, cotangent) body plus the query string
     (surrogate, dtype and scalar parameters)."""
-    from .binary import NPY, decode_npy, decode_npz
+    from ...binary import NPY, decode_npy, decode_npz
 
     def fail(field: str | None, message: str, code: str = "invalid_value") -> ApiError:
         return _fail(0, field, message, code)
 
     seen: set[str] = set()
-    for key, _ in query.multi_items():
+    for key, _ in query:
         if key in seen:
             raise fail(key, "given more than once in the query string", "invalid_value")
         seen.add(key)
@@ -444,14 +414,3 @@ def _unknown(key: str, sur: core.Surrogate, endpoint: str) -> str:
     if key == "cotangent":
         return f"only /v1/grad takes a cotangent; /v1/{endpoint} does not"
     return unknown_param_message(key, sur)
-
-
-def overflowed(job: core.Job, result: np.ndarray) -> bool:
-    """Whether the result has a non-finite value where every input was finite (an overflow)."""
-    if all_finite(result):
-        return False
-    finite = np.ones(result.shape, bool)
-    for a in (job.x, job.cotangent, *job.params.values()):
-        if a is not None:
-            finite &= _isfinite(a)
-    return bool((~_isfinite(result) & finite).any())

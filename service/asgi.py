@@ -1,0 +1,138 @@
+"""The bare-ASGI request context every endpoint handler receives, and the responses they send.
+
+No Starlette ``Request`` per call: headers are looked up in the ASGI list, the body is read by one
+bounded loop (``Call.body``), and a response is two ``send`` calls. This is what keeps a small
+request close to the cost of the HTTP server itself.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from .errors import ApiError
+
+__all__ = ["Call", "ClientGone", "Response", "json_response"]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read whole (answered by nothing; counted as 499)."""
+
+
+class Response:
+    """One answer: status, headers and the body as one or more byte chunks (sent without joining)."""
+
+    __slots__ = ("status", "headers", "chunks", "length")
+
+    def __init__(self, status: int, content_type: bytes, chunks: Iterable[bytes | memoryview],
+                 headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self.status = status
+        self.chunks = list(chunks)
+        self.length = sum(len(c) for c in self.chunks)
+        self.headers = [(b"content-type", content_type), (b"content-length", str(self.length).encode()), *headers]
+
+    async def send(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        last = len(self.chunks) - 1
+        if last < 0:
+            await send({"type": "http.response.body", "body": b""})
+        for i, chunk in enumerate(self.chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": i < last})
+
+
+def json_response(body: bytes, status: int = 200, headers: Iterable[tuple[bytes, bytes]] = ()) -> Response:
+    return Response(status, b"application/json", (body,), headers)
+
+
+class Call:
+    """One HTTP request: the ASGI scope and channels, the matched path parameters, and what the
+    limits and metrics need to know about it (body read whole, client gone, status sent)."""
+
+    __slots__ = ("scope", "receive", "_send", "params", "status", "body_done", "disconnected", "_headers")
+
+    def __init__(self, scope: dict[str, Any], receive: Receive, send: Send, params: dict[str, str]) -> None:
+        self.scope = scope
+        self.receive = receive
+        self._send = send
+        self.params = params
+        self.status = 0  # 0 until the response has started
+        self.body_done = False
+        self.disconnected = False
+        self._headers: dict[bytes, bytes] | None = None
+
+    # -- request ---------------------------------------------------------------------------------
+    def header(self, name: bytes) -> str | None:
+        """A request header (lower-case name), decoded as latin-1; the last one if repeated."""
+        if self._headers is None:
+            self._headers = dict(self.scope["headers"])
+        v = self._headers.get(name)
+        return None if v is None else v.decode("latin-1")
+
+    @property
+    def query(self) -> list[tuple[str, str]]:
+        qs = self.scope.get("query_string", b"")
+        return parse_qsl(qs.decode("latin-1"), keep_blank_values=True) if qs else []
+
+    async def body(self, limit: int, *, decode_content: bool = False) -> bytes:
+        """The whole body, refusing (413) as soon as the declared, received or (with
+        ``decode_content``) inflated size passes ``limit``. ``Content-Encoding: gzip`` / ``deflate``
+        bodies are inflated incrementally, so a compression bomb costs at most ``limit`` bytes."""
+        declared = self.header(b"content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                raise ApiError(400, "Content-Length is not an integer") from None
+            if n > limit:
+                raise ApiError(413, f"request body of {n} bytes is over the limit of {limit} bytes", field="body")
+        inflater = None
+        if decode_content:
+            enc = (self.header(b"content-encoding") or "identity").strip().lower()
+            if enc == "gzip":
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            elif enc == "deflate":
+                inflater = zlib.decompressobj()
+            elif enc != "identity":
+                raise ApiError(415, f"unsupported Content-Encoding {enc!r}; send gzip, deflate or identity")
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            if inflater is not None and chunk:
+                try:
+                    chunk = inflater.decompress(chunk, limit - size + 1)
+                    if inflater.unconsumed_tail:
+                        raise ApiError(413, f"the inflated request body is over the limit of {limit} bytes", field="body")
+                except zlib.error as exc:
+                    raise ApiError(400, f"the body is not valid {self.header(b'content-encoding')} data: {exc}") from None
+            size += len(chunk)
+            if size > limit:
+                what = "inflated request body" if inflater is not None else "request body"
+                raise ApiError(413, f"the {what} is over the limit of {limit} bytes", field="body")
+            if chunk:
+                chunks.append(chunk)
+        if inflater is not None:
+            if not inflater.eof:
+                raise ApiError(400, f"the {self.header(b'content-encoding')} body is truncated")
+        self.body_done = True
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    # -- response --------------------------------------------------------------------------------
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+    async def respond(self, response: Response) -> None:
+        await response.send(self.send)

@@ -1,0 +1,145 @@
+"""The ``/v1`` dialect: JSON and ``.npy``/``.npz`` bodies into core jobs, results into JSON or
+``.npy``, errors into ``{"error": {status, code, message, job, field}}``. Plus the metadata, health
+and metrics endpoints. No math and no limits here: those are the data plane's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import surrogate_core as core
+
+from ... import __version__
+from ...asgi import Call, Response, json_response
+from ...binary import NPY, NPZ, _npy_parts
+from ...dataplane import check_finite
+from ...errors import ApiError, error_json
+from ...state import Runtime
+from . import fastjson
+from .codecs import (
+    accepts_npy,
+    encode_json,
+    has_literals,
+    job_from_binary,
+    jobs_from_json,
+    media_type,
+    parse_json,
+    result_dict,
+)
+
+__all__ = ["compute", "healthz", "info", "metrics", "readyz", "render_error", "surrogate", "surrogates"]
+
+JSON = "application/json"
+_MEDIA = (JSON, NPY, NPZ)
+_NPY = NPY.encode()
+
+
+def render_error(err: ApiError) -> Response:
+    headers = [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+    return json_response(error_json(err), err.status, headers)
+
+
+def compute(endpoint: str):
+    """The handler of ``POST /v1/{endpoint}``."""
+
+    async def handler(call: Call, rt: Runtime) -> Response:
+        s = rt.settings
+        mt = media_type(call.header(b"content-type"), _MEDIA)
+        want_npy = accepts_npy(call.header(b"accept"))
+        body = await call.body(s.max_body_bytes)
+        if mt == JSON:
+            query = call.query
+            if query:
+                key = query[0][0]
+                raise ApiError(
+                    422,
+                    f"query parameter {key!r}: the query string is for binary bodies; put fields in the JSON job",
+                    field=key,
+                    code="unknown_field",
+                )
+            careful = has_literals(body)
+            fast = None if careful else fastjson.decode(body, max_rank=s.max_rank)
+            docs, single = fast if fast is not None else parse_json(body)
+            jobs = jobs_from_json(
+                docs, endpoint, careful=careful, max_rank=s.max_rank, max_elements=s.max_elements, max_jobs=s.max_jobs
+            )
+        else:
+            single = True
+            jobs = [
+                job_from_binary(endpoint, mt, body, call.query, max_rank=s.max_rank, max_elements=s.max_elements)
+            ]
+        if want_npy and not single:
+            raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
+        results = await rt.dataplane.infer(jobs, endpoint)
+        hint = f"ask for 'Accept: {NPY}'"
+        if want_npy:
+            job, res = jobs[0], results[0]
+            check_finite(job, res, text=False, where="job 0", job_index=0, hint=hint)
+            return Response(200, _NPY, _npy_parts(res),
+                            [(b"x-surrogate-dtype", job.dtype.encode()), (b"x-surrogate-name", job.surrogate.encode())])
+        out: list[dict[str, Any]] = []
+        for i, (job, res) in enumerate(zip(jobs, results)):
+            check_finite(job, res, text=True, where=f"job {i}", job_index=i, hint=hint)
+            out.append(result_dict(endpoint, job.surrogate, job.dtype, res))
+        return json_response(encode_json(out[0] if single else out))
+
+    handler.__name__ = endpoint
+    return handler
+
+
+async def surrogates(call: Call, rt: Runtime) -> Response:
+    return json_response(
+        encode_json({"default": core.DEFAULT_SURROGATE, "surrogates": [s.describe() for s in core.all_surrogates()]})
+    )
+
+
+async def surrogate(call: Call, rt: Runtime) -> Response:
+    try:
+        return json_response(encode_json(core.get(call.params["name"]).describe()))
+    except KeyError as exc:
+        raise ApiError(404, exc.args[0], code="unknown_surrogate", field="name") from None
+
+
+async def info(call: Call, rt: Runtime) -> Response:
+    dev = core.device_info()
+    s = rt.settings
+    return json_response(encode_json({
+        "name": "surrogate-serve",
+        "version": __version__,
+        "jax_version": dev["jax_version"],
+        "device": {k: v for k, v in dev.items() if k != "jax_version"},
+        "ready": rt.ready.is_set(),
+        "default_surrogate": core.DEFAULT_SURROGATE,
+        "dtypes": list(core.DTYPES),
+        "limits": {
+            "max_body_bytes": s.max_body_bytes,
+            "max_elements": s.max_elements,
+            "max_rank": s.max_rank,
+            "max_jobs": s.max_jobs,
+            "max_concurrent": s.max_concurrent,
+            "max_queue": s.max_queue,
+        },
+        "root_path": s.root_path,
+        "compilations": rt.engine.stats.compilations,
+        "variants": rt.engine.variants(),
+    }))
+
+
+_OK = encode_json({"status": "ok"})
+_READY = encode_json({"status": "ready"})
+_WARMING = encode_json({"status": "warming_up"})
+
+
+async def healthz(call: Call, rt: Runtime) -> Response:
+    return json_response(_OK)
+
+
+async def readyz(call: Call, rt: Runtime) -> Response:
+    if rt.ready.is_set():
+        return json_response(_READY)
+    return json_response(_WARMING, 503, [(b"retry-after", b"1")])
+
+
+async def metrics(call: Call, rt: Runtime) -> Response:
+    return Response(200, CONTENT_TYPE_LATEST.encode(), (generate_latest(rt.metrics.registry),))

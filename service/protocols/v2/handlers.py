@@ -1,0 +1,402 @@
+"""The Open Inference Protocol (KServe v2 / Triton HTTP) over the same data plane as ``/v1``.
+
+Each surrogate is a model (version ``"1"``). An infer request's inputs are ``x``, the surrogate's
+parameters by their braintools names (tensors that broadcast against ``x``, or scalars in the
+request's ``parameters``) and an optional ``cotangent``; its outputs are ``spike``, ``grad``,
+``fun`` and ``vjp`` (``cotangent * g'(x)``). All requested outputs are computed from one decode, in
+one data-plane call (one fused engine call per op). Tensors travel as JSON ``data`` (flat or nested)
+or with Triton's binary tensor data extension (``Inference-Header-Content-Length``), both ways;
+request bodies may be gzip/deflate compressed, and answers are compressed on ``Accept-Encoding``.
+Errors are ``{"error": "<message>"}``: 400 for bad input, 404 for an unknown model or version.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import zlib
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import orjson
+
+import surrogate_core as core
+
+from ... import __version__
+from ...asgi import Call, Response, json_response
+from ...dataplane import check_finite
+from ...errors import ApiError
+from ...state import Runtime
+from ..v1.codecs import has_literals, json_array
+
+__all__ = [
+    "DATATYPES",
+    "OUTPUTS",
+    "health_live",
+    "health_ready",
+    "infer",
+    "model_metadata",
+    "model_ready",
+    "render_error",
+    "repository_index",
+    "server_metadata",
+]
+
+VERSION = "1"
+#: OIP datatype -> core dtype name
+DATATYPES = {"FP16": "float16", "FP32": "float32", "FP64": "float64", "BF16": "bfloat16"}
+_WIRE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8"),
+         "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_NAMES = {v: k for k, v in DATATYPES.items()}
+#: output name -> core op
+OUTPUTS = {"spike": "spike", "grad": "grad", "fun": "fun", "vjp": "vjp"}
+#: request parameters the Triton clients may send that do not concern the computation
+_IGNORED_PARAMS = frozenset({"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
+_REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
+_STATUS = {422: 400, 406: 400}  # /v1's "valid JSON, invalid job" is OIP's plain bad request
+
+
+def render_error(err: ApiError) -> Response:
+    headers = [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+    return json_response(orjson.dumps({"error": err.message}), _STATUS.get(err.status, err.status), headers)
+
+
+def _bad(message: str, field: str | None = None) -> ApiError:
+    return ApiError(400, message, field=field, code="invalid_value")
+
+
+# -- server and model metadata ---------------------------------------------------------------
+
+async def server_metadata(call: Call, rt: Runtime) -> Response:
+    return json_response(orjson.dumps({"name": "surrogate-serve", "version": __version__,
+                                       "extensions": ["binary_tensor_data", "model_repository"]}))
+
+
+_LIVE = orjson.dumps({"live": True})
+
+
+async def health_live(call: Call, rt: Runtime) -> Response:
+    return json_response(_LIVE)
+
+
+def _not_ready() -> ApiError:
+    return ApiError(503, "the server is warming up (compiling); retry shortly", code="unavailable",
+                    headers={"Retry-After": "1"})
+
+
+async def health_ready(call: Call, rt: Runtime) -> Response:
+    if not rt.ready.is_set():
+        raise _not_ready()
+    return json_response(orjson.dumps({"ready": True}))
+
+
+def _model(call: Call) -> core.Surrogate:
+    name = call.params["model"]
+    try:
+        sur = core.get(name)
+    except KeyError:
+        close = difflib.get_close_matches(name, core.names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; GET /v1/surrogates lists them"
+        raise ApiError(404, f"unknown model {name!r}{hint}", code="unknown_surrogate", field="model") from None
+    version = call.params.get("version")
+    if version is not None and version != VERSION:
+        raise ApiError(404, f"model {name!r} has no version {version!r} (versions: {VERSION})", field="version")
+    return sur
+
+
+def _tensor(name: str, datatype: str = "FP32") -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": [-1]}
+
+
+def describe_model(sur: core.Surrogate) -> dict[str, Any]:
+    inputs = [_tensor("x")] + [_tensor(p.name) for p in sur.params] + [_tensor("cotangent")]
+    outputs = [_tensor("spike"), _tensor("grad")] + ([_tensor("fun")] if sur.fun is not None else []) + [_tensor("vjp")]
+    return {"name": sur.name, "versions": [VERSION], "platform": "jax", "inputs": inputs, "outputs": outputs}
+
+
+async def model_metadata(call: Call, rt: Runtime) -> Response:
+    return json_response(orjson.dumps(describe_model(_model(call))))
+
+
+async def model_ready(call: Call, rt: Runtime) -> Response:
+    sur = _model(call)
+    if not rt.ready.is_set():
+        raise _not_ready()
+    return json_response(orjson.dumps({"name": sur.name, "ready": True}))
+
+
+async def repository_index(call: Call, rt: Runtime) -> Response:
+    body = await call.body(64 * 1024)
+    if body.strip():
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise _bad(f"invalid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise _bad("the body must be a JSON object, e.g. {\"ready\": true}")
+    state = "READY" if rt.ready.is_set() else "UNAVAILABLE"
+    index = [{"name": s.name, "version": VERSION, "state": state, "reason": ""} for s in core.all_surrogates()]
+    return json_response(orjson.dumps(index))
+
+
+# -- infer ------------------------------------------------------------------------------------
+
+def _split(call: Call, body: bytes) -> tuple[bytes, memoryview]:
+    raw = call.header(b"inference-header-content-length")
+    if raw is None:
+        return body, memoryview(b"")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise _bad(f"Inference-Header-Content-Length {raw!r} is not an integer") from None
+    if n < 0 or n > len(body):
+        raise _bad(f"Inference-Header-Content-Length {n} is past the end of the {len(body)}-byte body")
+    view = memoryview(body)
+    return bytes(view[:n]), view[n:]
+
+
+def _shape(t: dict[str, Any], name: str, max_rank: int, max_elements: int) -> tuple[int, ...]:
+    shape = t.get("shape")
+    if not isinstance(shape, list) or any(type(d) is not int for d in shape):
+        raise _bad(f"input {name!r}: 'shape' must be a list of integers, got {shape!r}", name)
+    if len(shape) > max_rank:
+        raise ApiError(400, f"input {name!r}: rank {len(shape)} exceeds the limit of {max_rank}", field=name,
+                       code="too_large", reason="too_large")
+    if any(d < 0 for d in shape):
+        raise _bad(f"input {name!r}: negative dimension in shape {shape}", name)
+    n = math.prod(shape)
+    if n > max_elements:
+        raise ApiError(400, f"input {name!r}: shape {shape} has {n} elements, over the limit of {max_elements}",
+                       field=name, code="too_large", reason="too_large")
+    return tuple(shape)
+
+
+def _decode_input(t: Any, i: int, rest: memoryview, offset: int, careful: bool, s: Any) -> tuple[str, np.ndarray, str, int]:
+    """One input tensor: (name, array, its datatype as a core dtype name, offset past its binary data)."""
+    if not isinstance(t, dict):
+        raise _bad(f"inputs[{i}] must be an object with name, shape, datatype and data")
+    name = t.get("name")
+    if not isinstance(name, str):
+        raise _bad(f"inputs[{i}]: 'name' must be a string")
+    datatype = t.get("datatype")
+    if datatype not in DATATYPES:
+        raise _bad(
+            f"input {name!r}: datatype {datatype!r} is not supported; send FP16, FP32, FP64 or BF16 (BF16 as binary data)",
+            name,
+        )
+    dtype = DATATYPES[datatype]
+    shape = _shape(t, name, s.max_rank, s.max_elements)
+    n = math.prod(shape)
+    params = t.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad(f"input {name!r}: 'parameters' must be an object", name)
+    size = params.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size < 0:
+            raise _bad(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}", name)
+        if "data" in t:
+            raise _bad(f"input {name!r}: has both binary_data_size and data; send one", name)
+        wire = _WIRE[dtype]
+        if size != n * wire.itemsize:
+            raise _bad(
+                f"input {name!r}: binary_data_size {size} does not match shape {list(shape)} of {datatype} "
+                f"({n * wire.itemsize} bytes)", name,
+            )
+        if offset + size > len(rest):
+            raise _bad(
+                f"input {name!r}: binary_data_size {size} is past the end of the binary data "
+                f"({len(rest) - offset} bytes left)", name,
+            )
+        a = np.frombuffer(rest, dtype=wire, count=n, offset=offset).reshape(shape)
+        return name, a, dtype, offset + size
+    if datatype == "BF16":
+        raise _bad(f"input {name!r}: BF16 tensors travel only as binary data (parameters.binary_data_size)", name)
+    if "data" not in t:
+        raise _bad(f"input {name!r}: has neither data nor parameters.binary_data_size", name)
+    try:  # a JSON number is read as the nearest float64, then cast to the computation dtype
+        a = json_array(t["data"], name, careful=careful, max_rank=s.max_rank)
+    except ValueError as exc:
+        raise _bad(f"input {exc}", name) from None
+    if a.size != n:
+        raise _bad(f"input {name!r}: data holds {a.size} values, shape {list(shape)} needs {n}", name)
+    return name, a.reshape(shape), dtype, offset
+
+
+async def infer(call: Call, rt: Runtime) -> Response:
+    s = rt.settings
+    sur = _model(call)
+    body = await call.body(s.max_body_bytes, decode_content=True)
+    head, rest = _split(call, body)
+    if not head.strip():
+        raise _bad("empty request body; send an inference request object")
+    try:
+        req = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"invalid JSON in the inference request: {exc}") from None
+    if not isinstance(req, dict):
+        raise _bad("the inference request must be a JSON object")
+    unknown = [k for k in req if k not in _REQUEST_FIELDS]
+    if unknown:
+        raise _bad(f"unknown field {unknown[0]!r} in the inference request (fields: id, parameters, inputs, outputs)")
+    named = req.get("model_name")  # KServe's client repeats the model in the body
+    if named is not None and named != sur.name:
+        raise _bad(f"model_name {named!r} in the body differs from the model {sur.name!r} in the path")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _bad("'inputs' must be a non-empty list of tensors")
+    careful = has_literals(head)
+    allowed = {"x", "cotangent", *sur.param_names}
+    arrays: dict[str, np.ndarray] = {}
+    dtype = "float32"
+    offset = 0
+    for i, t in enumerate(inputs):
+        name, a, dt, offset = _decode_input(t, i, rest, offset, careful, s)
+        if name == "x":
+            dtype = dt  # the computation (and output) dtype is x's datatype
+        if name in arrays:
+            raise _bad(f"input {name!r} is given more than once", name)
+        if name not in allowed:
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _bad(f"unknown input {name!r} for model {sur.name!r} (inputs: {', '.join(['x', *sur.param_names, 'cotangent'])}){hint}", name)
+        arrays[name] = a
+    if offset != len(rest):
+        raise _bad(f"{len(rest) - offset} bytes of binary data follow the last binary input")
+    if "x" not in arrays:
+        raise _bad("input 'x' is required", "x")
+
+    params_in = req.get("parameters") or {}
+    if not isinstance(params_in, dict):
+        raise _bad("'parameters' must be an object")
+    params: dict[str, Any] = {}
+    for key, v in params_in.items():
+        if key in _IGNORED_PARAMS:
+            continue
+        if key not in sur.param_names:
+            close = difflib.get_close_matches(key, list(sur.param_names), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _bad(f"unknown parameter {key!r} for model {sur.name!r} (parameters: {', '.join(sur.param_names) or 'none'}){hint}", key)
+        if key in arrays:
+            raise _bad(f"parameter {key!r} is given both as an input and in 'parameters'", key)
+        if type(v) not in (int, float):
+            raise _bad(f"parameter {key!r} must be a number, got {type(v).__name__}", key)
+        params[key] = float(v)
+    binary_all = params_in.get("binary_data_output") is True
+
+    cot = arrays.pop("cotangent", None)
+    x = arrays.pop("x")
+    params.update(arrays)
+    outputs = _requested(req.get("outputs"), sur, cot is not None, binary_all)
+    limits = core.Limits(max_rank=s.max_rank, max_elements=s.max_elements)
+    jobs = []
+    total = 0
+    for out_name, _ in outputs:
+        try:
+            job = core.make_job(OUTPUTS[out_name], x, surrogate=sur.name, dtype=dtype, params=params,
+                                cotangent=cot if out_name == "vjp" else None, limits=limits)
+        except core.JobError as exc:
+            kind = "parameter" if exc.field in sur.param_names and exc.field in params_in else "input"
+            where = f"{kind} {exc.field!r}: " if exc.field else ""
+            raise ApiError(400, where + exc.message, field=exc.field, code=exc.code) from None
+        total += job.size
+        if total > s.max_elements:
+            raise ApiError(400, f"the requested outputs hold more than {s.max_elements} elements in all (after "
+                                "broadcasting), over the limit", field="outputs", code="too_large")
+        jobs.append(job)
+    results = await rt.dataplane.infer(jobs, "infer")
+    return _encode(call, req, sur, outputs, jobs, results)
+
+
+def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_all: bool) -> list[tuple[str, bool]]:
+    if outputs is None:
+        names = ["spike", "grad"] + (["fun"] if sur.fun is not None else []) + (["vjp"] if has_cotangent else [])
+        return [(n, binary_all) for n in names]
+    if not isinstance(outputs, list) or not outputs:
+        raise _bad("'outputs' must be a non-empty list of {\"name\": ...} objects (or absent for every output)")
+    out: list[tuple[str, bool]] = []
+    seen: set[str] = set()
+    for i, o in enumerate(outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise _bad(f"outputs[{i}] must be an object with a 'name'")
+        name = o["name"]
+        if name not in OUTPUTS:
+            close = difflib.get_close_matches(name, list(OUTPUTS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _bad(f"unknown output {name!r} (outputs: spike, grad, fun, vjp){hint}", name)
+        if name in seen:
+            raise _bad(f"output {name!r} is requested more than once", name)
+        seen.add(name)
+        if name == "vjp" and not has_cotangent:
+            raise _bad("output 'vjp' needs an input 'cotangent'", "cotangent")
+        if name == "fun" and sur.fun is None:
+            raise _bad(f"model {sur.name!r} is gradient-only: braintools defines no smooth function (no output 'fun')", name)
+        p = o.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise _bad(f"output {name!r}: 'parameters' must be an object", name)
+        binary = p.get("binary_data", binary_all)
+        if not isinstance(binary, bool):
+            raise _bad(f"output {name!r}: binary_data must be true or false", name)
+        out.append((name, binary))
+    return out
+
+
+def _encode(call: Call, req: dict[str, Any], sur: core.Surrogate, outputs: list[tuple[str, bool]],
+            jobs: list[core.Job], results: list[np.ndarray]) -> Response:
+    descr: list[dict[str, Any]] = []
+    chunks: list[bytes | memoryview] = []
+    for (name, binary), job, res in zip(outputs, jobs, results):
+        check_finite(job, res, text=not binary, where=f"output {name!r}", job_index=None,
+                     hint="ask for binary data (parameters.binary_data)")
+        datatype = _NAMES[job.dtype]
+        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(res.shape)}
+        if binary:
+            data = np.ascontiguousarray(res, dtype=_WIRE[job.dtype])
+            out["parameters"] = {"binary_data_size": data.nbytes}
+            chunks.append(data.reshape(-1).view(np.uint8).data)
+        else:
+            if job.dtype == "bfloat16":
+                raise _bad(f"output {name!r}: BF16 tensors travel only as binary data; set parameters.binary_data", name)
+            flat = res.reshape(-1)
+            out["data"] = flat if flat.dtype != np.float16 else flat.astype(np.float32)
+        descr.append(out)
+    answer: dict[str, Any] = {"model_name": sur.name, "model_version": VERSION}
+    if "id" in req:
+        answer["id"] = req["id"]
+    answer["outputs"] = descr
+    head = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    headers: list[tuple[bytes, bytes]] = []
+    if chunks:
+        headers.append((b"inference-header-content-length", str(len(head)).encode()))
+        ctype = b"application/octet-stream"
+    else:
+        ctype = b"application/json"
+    parts: list[bytes | memoryview] = [head, *chunks]
+    encoding = _accepted_encoding(call.header(b"accept-encoding"))
+    if encoding is not None:
+        z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        parts = [b"".join([z.compress(p) for p in parts] + [z.flush()])]
+        headers.append((b"content-encoding", encoding.encode()))
+    return Response(200, ctype, parts, headers)
+
+
+def _accepted_encoding(accept: str | None) -> str | None:
+    """gzip or deflate when the client accepts it (q > 0), preferring gzip; else None."""
+    if not accept:
+        return None
+    best: tuple[float, str] | None = None
+    for part in accept.split(","):
+        fields = [f.strip() for f in part.split(";")]
+        coding = fields[0].lower()
+        if coding not in ("gzip", "deflate"):
+            continue
+        q = 1.0
+        for f in fields[1:]:
+            if f.lower().startswith("q="):
+                try:
+                    q = float(f[2:])
+                except ValueError:
+                    q = 0.0
+        if q > 0 and (best is None or q > best[0] or (q == best[0] and coding == "gzip")):
+            best = (q, coding)
+    return None if best is None else best[1]
