@@ -12,9 +12,16 @@ torch = pytest.importorskip("torch")
 snn = pytest.importorskip("snntorch")
 
 from surrogate_client import NotFound, TransportError, ValidationError  # noqa: E402
-from surrogate_client.torch import spike_function  # noqa: E402
 
 pytestmark = pytest.mark.e2e
+
+
+# surrogate_client.torch is imported when a test runs, not when pytest collects this module: importing a
+# submodule binds its name on the package, which tests of the package's public names look at.
+def spike_function(*args, **kwargs):
+    from surrogate_client.torch import spike_function as made
+
+    return made(*args, **kwargs)
 
 
 # -- local reference: the formulas of surrogate_core/_surrogates.py (braintools), written in torch --

@@ -56,14 +56,14 @@ def _validated(client: SurrogateClient, surrogate: str, params: Mapping[str, Any
 
 class _ServedSpike(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fn: SpikeFunction) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, fn: SpikeFunction) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.fn = fn
         return (x >= 0).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
         (x,) = ctx.saved_tensors
