@@ -20,16 +20,23 @@ Use it with ``uvicorn.Config(http="service.httpproto:LimitedHttpToolsProtocol")`
 that ``--workers`` processes import it too). The limits come from :func:`configure`, or from the
 ``SURROGATE_*`` settings when it was not called (a worker process).
 
+While the server shuts down (:mod:`service.lifecycle`), every new request is answered ``503``
+with ``Connection: close`` instead of reaching the app, and idle connections are closed the same
+graceful way after a short grace period (a request already on its way gets the 503, not a reset).
+
 Requests pipelined behind one another within a single read are counted from the next read on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from . import lifecycle
 
 __all__ = ["PROTOCOL", "LimitedHttpToolsProtocol", "configure"]
 
@@ -38,8 +45,10 @@ PROTOCOL = "service.httpproto:LimitedHttpToolsProtocol"
 
 #: Seconds a refused connection keeps reading (and dropping) what the client still sends.
 LINGER_SECONDS = 2.0
+#: On shutdown, seconds an idle connection stays open for a request that may already be on its way.
+IDLE_GRACE_SECONDS = 0.25
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 
 
 def configure(*, max_header_bytes: int, header_timeout: float) -> None:
@@ -62,6 +71,7 @@ def error_bytes(status: int, code: str, message: str) -> bytes:
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
         b"content-type: application/json\r\n",
         b"content-length: %d\r\n" % len(body),
+        b"retry-after: 1\r\n" if status == 503 else b"",
         b"connection: close\r\n\r\n",
         body,
     ])
@@ -119,13 +129,46 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._tail = b""
         self._cancel_head_timer()
+        if lifecycle.is_shutting_down():
+            self._refuse(503, "shutting_down", "the server is shutting down; retry on another instance")
+            return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         super().on_message_complete()
         self._in_head = True  # what follows is the next request's head
         self._head_bytes = 0
         self._tail = b""
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """The server is shutting down. A request in progress finishes (then the connection closes);
+        an idle connection gets a short grace period, in which a request that was already on its way
+        is answered 503, then closes without a reset."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return
+        if self._refused or self.transport.is_closing():
+            return
+        self.loop.call_later(IDLE_GRACE_SECONDS, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self._refused or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return
+        if self._in_head and self._head_bytes > 0:
+            return  # a request head is arriving: it gets its 503 (or 408 at the header timeout)
+        self._refused = True
+        self._cancel_head_timer()
+        self._close_gracefully()
 
     # -- limits -------------------------------------------------------------------------------
     def _arm_head_timer(self) -> None:
@@ -153,16 +196,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, code: str, message: str) -> None:
         self._refused = True
         self._cancel_head_timer()
-        self.logger.info("refused a request from %s: %d %s", _peer(self.client), status, message)
+        level = logging.DEBUG if status == 503 else logging.INFO  # 503s come in crowds at shutdown
+        self.logger.log(level, "refused a request from %s: %d %s", _peer(self.client), status, message)
         if self.cycle is not None and not self.cycle.response_complete:
             # an earlier pipelined request is still being answered: no room for another answer
             self.cycle.keep_alive = False
             self.transport.pause_reading()
             return
         self.transport.write(error_bytes(status, code, message))
+        self._close_gracefully()
+
+    def _close_gracefully(self) -> None:
         if self.transport.can_write_eof():
-            # the answer, then FIN; keep reading (and dropping) for a while so that the client's
-            # unread bytes do not turn the close into a reset that discards the answer
+            # FIN after what was written; keep reading (and dropping) for a while so that the
+            # client's unread bytes do not turn the close into a reset that discards the answer
             self.transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
         else:
