@@ -20,9 +20,10 @@ from typing import Any
 import surrogate_core as core
 
 from . import __version__
-from .asgi import Call, ClientGone
+from .asgi import Call, ClientGone, SendTimeout
 from .dataplane import DataPlane
 from .errors import ApiError
+from .memory import detect_budget, own_rss
 from .protocols.v1.handlers import render_error as v1_error
 from .protocols.v2.handlers import render_error as v2_error
 from .routes import Endpoint, Router, table
@@ -49,7 +50,17 @@ def _warm_up(rt: Runtime) -> None:
     except Exception as exc:  # the service still answers; compilation then happens on demand
         rt.dataplane.warmup_error = repr(exc)
         log.exception("warm-up failed; compiling on demand")
+    _size_budget(rt)
     rt.ready.set()
+
+
+def _size_budget(rt: Runtime) -> None:
+    """Take the memory budget now that the process's own footprint (runtime, compiled variants) is
+    known, and say what it is."""
+    dp = rt.dataplane
+    if rt.settings.memory_budget is None:
+        dp.set_budget(*detect_budget(own_rss()))
+    log.info("memory budget: %d MiB for request data (%s)", dp.budget.capacity >> 20, dp.budget_source)
 
 
 class Service:
@@ -57,7 +68,8 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        engine = core.Engine(min_bucket=1 << max(0, (settings.min_bucket - 1).bit_length()))
+        engine = core.Engine(min_bucket=1 << max(0, (settings.min_bucket - 1).bit_length()),
+                             max_variants=settings.max_variants)
         self.runtime = rt = Runtime(
             settings=settings, engine=engine, dataplane=DataPlane(settings, engine),
             token_digests=token_digests(settings.tokens()),
@@ -87,6 +99,7 @@ class Service:
         if s.warmup:
             self._warmup = asyncio.create_task(asyncio.to_thread(_warm_up, rt))
         else:
+            _size_budget(rt)
             rt.ready.set()
         try:
             yield
@@ -160,6 +173,9 @@ class Service:
             await self._refuse(call, protocol, err)
         except ClientGone:  # gone mid-upload: nothing to answer; counted as 499 (as nginx does)
             rt.metrics.reject("client_disconnect")
+        except SendTimeout:  # stopped reading the answer: cut off, its memory freed; counted as 499
+            call.disconnected = True
+            rt.metrics.reject("send_timeout")
         except Exception:
             errlog.exception("unhandled error on %s %s", scope["method"], path)
             if not call.status:
@@ -168,7 +184,9 @@ class Service:
             status = 499 if call.disconnected else (call.status or 500)
             rt.metrics.observe_request(label, protocol, status, time.perf_counter() - t0)
 
-    async def _respond(self, ep: Endpoint, call: Call) -> None:
+    async def _respond(self, ticket: Any, ep: Endpoint, call: Call) -> None:
+        call.ticket = ticket
+        call.send_timeout = self.settings.send_timeout
         await call.respond(await ep.handler(call, self.runtime))
 
     async def _refuse(self, call: Call, protocol: str, err: ApiError) -> None:

@@ -7,6 +7,7 @@ request close to the cost of the HTTP server itself.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -24,6 +25,15 @@ class ClientGone(Exception):
     """The client disconnected before its request was read whole (answered by nothing; counted as 499)."""
 
 
+class SendTimeout(Exception):
+    """The client stopped reading the answer for longer than the send timeout (cut off; counted)."""
+
+
+#: Answers are handed to the server in pieces of at most this size: the server waits for a slow
+#: reader between pieces, so a client that stops reading holds one piece, not the whole answer.
+CHUNK = 1 << 20
+
+
 class Response:
     """One answer: status, headers and the body as one or more byte chunks (sent without joining)."""
 
@@ -36,13 +46,32 @@ class Response:
         self.length = sum(len(c) for c in self.chunks)
         self.headers = [(b"content-type", content_type), (b"content-length", str(self.length).encode()), *headers]
 
-    async def send(self, send: Send) -> None:
+    async def send(self, send: Send, timeout: float | None = None) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        last = len(self.chunks) - 1
-        if last < 0:
+        pieces = [c for c in self.chunks if len(c)]
+        if not pieces:
             await send({"type": "http.response.body", "body": b""})
-        for i, chunk in enumerate(self.chunks):
-            await send({"type": "http.response.body", "body": chunk, "more_body": i < last})
+            return
+        last = len(pieces) - 1
+        for i, chunk in enumerate(pieces):
+            if len(chunk) <= CHUNK:
+                await _send_piece(send, chunk, i < last, timeout)
+                continue
+            view = memoryview(chunk)
+            for o in range(0, len(view), CHUNK):
+                await _send_piece(send, view[o:o + CHUNK], i < last or o + CHUNK < len(view), timeout)
+
+
+async def _send_piece(send: Send, piece: bytes | memoryview, more: bool, timeout: float | None) -> None:
+    message = {"type": "http.response.body", "body": piece, "more_body": more}
+    if timeout is None:
+        await send(message)
+        return
+    try:
+        async with asyncio.timeout(timeout):  # the server waits here while the client does not read
+            await send(message)
+    except TimeoutError:
+        raise SendTimeout() from None
 
 
 def json_response(body: bytes, status: int = 200, headers: Iterable[tuple[bytes, bytes]] = ()) -> Response:
@@ -53,7 +82,8 @@ class Call:
     """One HTTP request: the ASGI scope and channels, the matched path parameters, and what the
     limits and metrics need to know about it (body read whole, client gone, status sent)."""
 
-    __slots__ = ("scope", "receive", "_send", "params", "status", "body_done", "disconnected", "_headers")
+    __slots__ = ("scope", "receive", "_send", "params", "status", "body_done", "disconnected", "_headers", "ticket",
+                 "send_timeout")
 
     def __init__(self, scope: dict[str, Any], receive: Receive, send: Send, params: dict[str, str]) -> None:
         self.scope = scope
@@ -64,6 +94,8 @@ class Call:
         self.body_done = False
         self.disconnected = False
         self._headers: dict[bytes, bytes] | None = None
+        self.ticket: Any = None  # the data plane's memory reservation, for admitted (compute) requests
+        self.send_timeout: float | None = None
 
     # -- request ---------------------------------------------------------------------------------
     def header(self, name: bytes) -> str | None:
@@ -90,6 +122,8 @@ class Call:
                 raise ApiError(400, "Content-Length is not an integer") from None
             if n > limit:
                 raise ApiError(413, f"request body of {n} bytes is over the limit of {limit} bytes", field="body")
+            if self.ticket is not None:
+                self.ticket.require(n, f"a request body of {n} bytes", status=413)
         inflater = None
         if decode_content:
             enc = (self.header(b"content-encoding") or "identity").strip().lower()
@@ -120,6 +154,9 @@ class Call:
             if size > limit:
                 what = "inflated request body" if inflater is not None else "request body"
                 raise ApiError(413, f"the {what} is over the limit of {limit} bytes", field="body")
+            if self.ticket is not None and (declared is None or inflater is not None):
+                self.ticket.require(size + (int(declared) if inflater is not None and declared else 0),
+                                    f"a request body of {size} bytes", status=413)
             if chunk:
                 chunks.append(chunk)
         if inflater is not None:
@@ -135,4 +172,4 @@ class Call:
         await self._send(message)
 
     async def respond(self, response: Response) -> None:
-        await response.send(self.send)
+        await response.send(self.send, self.send_timeout)

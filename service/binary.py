@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import re
 import sys
 import zipfile
@@ -124,8 +125,22 @@ def decode_npy(body: bytes, *, field: str = "x", max_rank: int, max_elements: in
     return _array(body, offset, shape, fortran, dtype, n)
 
 
+def npz_member_count(body: bytes) -> int | None:
+    """The number of members an ``.npz`` (zip) declares in its end-of-central-directory record, read
+    before the central directory itself is parsed (which takes seconds for a zip of 640,000 empty
+    members); None when the record is not found (then ``zipfile`` reports what is wrong)."""
+    i = body.rfind(b"PK\x05\x06", max(0, len(body) - (1 << 16) - 22))
+    if i < 0 or len(body) < i + 22:
+        return None
+    (entries,) = struct.unpack_from("<H", body, i + 10)
+    return entries  # 0xFFFF: a zip64 archive, far more members than allowed anyway
+
+
 def decode_npz(body: bytes, *, max_rank: int, max_elements: int) -> dict[str, np.ndarray]:
     """The named arrays of an ``.npz`` body. The element limit applies to all members together."""
+    declared = npz_member_count(body)
+    if declared is not None and declared > MAX_NPZ_MEMBERS:
+        raise _bad(f".npz has {declared} members, over the limit of {MAX_NPZ_MEMBERS}", code="too_large")
     try:
         zf = zipfile.ZipFile(io.BytesIO(body))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:

@@ -2,7 +2,14 @@
 
 It owns
 - **admission**: at most ``max_concurrent`` requests at once (past it an immediate ``overloaded``
-  error), each within ``request_timeout`` seconds from admission to its last byte;
+  error), each within ``request_timeout`` seconds from admission to its last byte, and each holding
+  a **memory reservation** (a ``Ticket``) against the memory budget from before its body is read
+  until its last byte is sent: the body first, then what decoding makes, then the working set of
+  its jobs (inputs, padded buffers, results, the encoded answer). Past the budget an immediate
+  ``overloaded`` error (``reason="memory"``); larger than the whole budget, ``too_large``;
+- **the job checks** that do not depend on the protocol: the element limit over all jobs, zero-size
+  dimensions counted (an answer of 100,000,000 empty lists is not small), and the cost limit (work
+  per element grows with some parameters, e.g. the ``n`` terms of a Fourier series);
 - **the batcher** (``batching.Batcher``): concurrent requests fused into one device call, a bounded
   queue (``overloaded`` past it), large batches and cold variants computed in a worker thread;
 - **the error kinds** raised as ``ApiError`` with their code: ``overloaded``, ``timeout``,
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -24,11 +32,13 @@ import numpy as np
 import surrogate_core as core
 
 from .batching import Batcher, DeviceError, Overloaded
+from .binary import answer_bytes
 from .errors import ApiError
+from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
 from .settings import Settings
 
-__all__ = ["DataPlane", "check_finite", "is_finite"]
+__all__ = ["DataPlane", "Ticket", "check_finite", "is_finite", "json_parse_bytes", "working_set"]
 
 log = logging.getLogger("service.dataplane")
 
@@ -51,11 +61,20 @@ class DataPlane:
         self.in_flight = 0
         self.ready = threading.Event()
         self.warmup_error: str | None = None
+        capacity, self.budget_source = budget_from_settings(settings.memory_budget)
+        self.budget = MemoryBudget(capacity)
+        self.max_cost = settings.max_cost
+
+    def set_budget(self, capacity: int, source: str) -> None:
+        """Resize the memory budget (after the warm-up, when the process's own footprint is known)."""
+        self.budget.capacity = capacity
+        self.budget_source = source
 
     # -- admission ---------------------------------------------------------------------------
     async def admitted(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``work(*args)`` as one admitted request: refused at once past the concurrency
-        limit, cancelled (``timeout``) past the time limit."""
+        """Run ``work(ticket, *args)`` as one admitted request: refused at once past the concurrency
+        limit, cancelled (``timeout``) past the time limit; ``ticket`` holds its memory reservation,
+        released when ``work`` returns or fails."""
         s = self.settings
         if self.in_flight >= s.max_concurrent:
             raise ApiError(
@@ -64,17 +83,46 @@ class DataPlane:
             )
         self.in_flight += 1
         self.metrics.in_flight.inc()
+        ticket = Ticket(self.budget)
         try:
             async with asyncio.timeout(s.request_timeout):
-                return await work(*args)
+                return await work(ticket, *args)
         except TimeoutError:
             raise ApiError(
                 503, f"the request took longer than {s.request_timeout} s", code="timeout",
                 headers={"Retry-After": "1"}, reason="timeout",
             ) from None
         finally:
+            ticket.release()
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+
+    def check(self, jobs: Sequence[core.Job], *, where: Callable[[int], str], job_index: bool = True) -> None:
+        """The protocol-neutral limits of a request's jobs, all together: elements (a zero-size
+        dimension counts as 1, so an answer's size is bounded too) and cost."""
+        s = self.settings
+        total = cost = 0.0
+        for i, job in enumerate(jobs):
+            n = math.prod(max(d, 1) for d in job.shape)
+            total += n
+            if total > s.max_elements:
+                raise ApiError(
+                    422,
+                    f"{where(i)}: the request has more than {s.max_elements} elements in all (after broadcasting; "
+                    "a zero-size dimension counts as 1), over the limit",
+                    job=i if job_index else None, field="x", code="too_large",
+                )
+            if job.op != "spike":
+                c = core.get(job.surrogate).cost_per_element(job.params)
+                cost += n * c
+                if cost > self.max_cost:
+                    raise ApiError(
+                        422,
+                        f"{where(i)}: {job.surrogate} costs {c:g} units per element here, {cost:.3g} for the request, "
+                        f"over the limit of {self.max_cost:.3g} (SURROGATE_MAX_COST); send fewer elements or cheaper "
+                        "parameters",
+                        job=i if job_index else None, field="x", code="too_large",
+                    )
 
     # -- compute -----------------------------------------------------------------------------
     async def infer(self, jobs: Sequence[core.Job], endpoint: str) -> list[np.ndarray]:
@@ -97,6 +145,69 @@ class DataPlane:
             ) from None
         self.metrics.count_elements(endpoint, sum(j.size for j in jobs))
         return results
+
+
+class Ticket:
+    """One request's memory reservation: grows (``require``) as the request learns what it will
+    hold; released whole when the request ends."""
+
+    __slots__ = ("budget", "held")
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def require(self, total: int, what: str, *, status: int = 422) -> None:
+        """Hold at least ``total`` bytes for this request, or refuse it: 503 ``overloaded`` when the
+        budget is in use by others, ``status`` (413 or 422) ``too_large`` when ``total`` is more
+        than the whole budget."""
+        extra = total - self.held
+        if extra <= 0:
+            return
+        b = self.budget
+        if total > b.capacity:
+            raise ApiError(
+                status,
+                f"{what} needs about {total} bytes of memory, more than the server's whole memory budget of "
+                f"{b.capacity} bytes (SURROGATE_MEMORY_BUDGET); send a smaller request",
+                code="body_too_large" if status == 413 else "too_large", reason="memory",
+            )
+        if not b.try_acquire(extra):
+            raise ApiError(
+                503,
+                f"the memory budget is in use by requests in flight ({b.in_use} of {b.capacity} bytes; this request "
+                f"needs {total}); retry shortly",
+                code="overloaded", headers={"Retry-After": "1"}, reason="memory",
+            )
+        self.held = total
+
+    def release(self) -> None:
+        if self.held:
+            self.budget.release(self.held)
+            self.held = 0
+
+
+def json_parse_bytes(body: bytes) -> int:
+    """An upper estimate of the memory a general JSON parser makes of ``body``: a Python object and
+    a list slot per number, a list per bracket (counted at C speed, before parsing)."""
+    commas, brackets = body.count(b","), body.count(b"[")
+    return 40 * (commas + 1) + 72 * brackets
+
+
+def working_set(jobs: Sequence[core.Job], *, text: bool) -> int:
+    """An upper estimate of the bytes ``jobs`` hold from decoding to their encoded answer: their
+    input arrays, the padded buffers and results of the engine, and the answer (twice for text,
+    which is built in a growing buffer)."""
+    total = 0
+    for job in jobs:
+        item = core.DTYPES[job.dtype].itemsize
+        n = job.size
+        inputs = [job.x, *job.params.values()] + ([job.cotangent] if job.cotangent is not None else [])
+        per_element = sum(1 for a in inputs if a.size > 1)
+        total += sum(a.nbytes for a in inputs)
+        total += int(n * item * (1.5 * max(per_element, 1) + 1))  # padded arguments, then the result
+        total += answer_bytes(job.shape, max(item, 4), json=text) * (2 if text else 1)
+    return total
 
 
 def _isfinite(a: np.ndarray) -> np.ndarray:

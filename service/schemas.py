@@ -213,6 +213,11 @@ class Info(BaseModel):
     default_surrogate: str
     dtypes: list[str]
     limits: dict[str, int]
+    memory: dict[str, Any] = Field(
+        description="The memory budget for request data (bytes), where it comes from (setting, cgroup, meminfo, "
+        "default), the bytes reserved now and the most ever reserved at once."
+    )
+    root_path: str | None = Field(None, description="The path prefix a proxy strips (SURROGATE_ROOT_PATH).")
     compilations: int = Field(description="Compiled variants so far (bounded by the size buckets).")
     variants: dict[str, int] = Field(description="Compiled variants per op/surrogate/dtype.")
 

@@ -94,6 +94,20 @@ class Settings(BaseSettings):
         le=30,
         description="On SIGTERM, seconds the listener stays open answering 503 (Connection: close) before it closes.",
     )
+    send_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds an answer may wait for a client that stops reading; past it the connection is cut.",
+    )
+    max_variants: int = Field(
+        512, ge=1, description="Compiled variants kept at once (least recently used evicted); each holds ~0.3 MB."
+    )
+    max_cost: float = Field(
+        float(1 << 30),
+        gt=0,
+        description="Largest work per request in element-terms: elements times each surrogate's cost per element "
+        "(1, or e.g. n for squarewave_fourier_series).",
+    )
 
     @field_validator("root_path")
     @classmethod

@@ -132,6 +132,12 @@ class Surrogate:
     fun: Callable[..., Any] | None = None
     fun_formula: str | None = None
     checks: tuple[Check, ...] = ()
+    #: Work per element relative to a plain formula (1), from the validated parameters: e.g. the
+    #: number of terms of a series. Lets a server refuse up front what could not finish in time.
+    cost: Callable[[Mapping[str, Any]], float] | None = None
+
+    def cost_per_element(self, params: Mapping[str, Any]) -> float:
+        return 1.0 if self.cost is None else max(1.0, float(self.cost(params)))
 
     @property
     def param_names(self) -> tuple[str, ...]:

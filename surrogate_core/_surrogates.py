@@ -259,6 +259,7 @@ register(
         grad=F.squarewave_fourier_series_grad,
         grad_formula="g'(x) = 4/T * sum_{i=1..n} cos((2i - 1) * 2*pi/T * x), T = t_period",
         fun=F.squarewave_fourier_series_fun,
+        cost=lambda p: np.max(p["n"]),  # n cosines per element
         fun_formula="g(x) = 1/2 + 2/pi * sum_{i=1..n} sin((2i - 1) * 2*pi/T * x) / (2i - 1), T = t_period",
         checks=(
             Check(

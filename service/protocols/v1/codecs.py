@@ -10,6 +10,7 @@ or a string, for the error message.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -54,7 +55,11 @@ def parse_json(body: bytes) -> tuple[list[Any], bool]:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if "number is infinity" in str(exc):  # valid JSON, but past float64's range
-            raise ApiError(422, f"a number is out of float64 range: {exc}", code="not_representable") from None
+            job, field, _ = _locate(body, "infinity")
+            where = f"job {job}, field {field!r}: " if field is not None else ""
+            raise ApiError(
+                422, f"{where}a number is out of float64 range ({exc})", code="not_representable", job=job, field=field
+            ) from None
         raise ApiError(400, f"invalid JSON: {exc}") from None
     if isinstance(doc, dict):
         _no_duplicate_keys(body, [doc])
@@ -62,7 +67,9 @@ def parse_json(body: bytes) -> tuple[list[Any], bool]:
     if isinstance(doc, list):
         _no_duplicate_keys(body, [d for d in doc if isinstance(d, dict)])
         return doc, False
-    raise ApiError(422, f"the body must be a job object or a list of job objects, got {_kind(doc)}")
+    raise ApiError(
+        422, f"the body must be a job object or a list of job objects, got {_kind(doc)}", code="invalid_type"
+    )
 
 
 def _no_duplicate_keys(body: bytes, jobs: list[dict[str, Any]]) -> None:
@@ -70,7 +77,7 @@ def _no_duplicate_keys(body: bytes, jobs: list[dict[str, Any]]) -> None:
 
     Fast check: a valid body holds no strings but keys and short enum values, so each key's quoted
     form occurs once per job that has it. Only when the counts disagree (or the body has escapes) is
-    the body re-parsed with a pairs hook to find the duplicate exactly.
+    the body re-parsed to find the duplicate exactly, with the job and field it is in.
     """
     counts: dict[bytes, int] = {}
     for d in jobs:
@@ -86,18 +93,72 @@ def _no_duplicate_keys(body: bytes, jobs: list[dict[str, Any]]) -> None:
                     seen[t] = seen.get(t, 0) + 1
             if seen == counts:
                 return
+    job, field, key = _locate(body, "duplicate")
+    if field is not None:
+        what = f"duplicate key {key!r} in a job object" if key == field else f"duplicate key {key!r} in an object"
+        raise ApiError(422, f"job {job}, field {field!r}: {what}", code="duplicate_key", job=job, field=field)
 
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise ApiError(422, f"duplicate key {k!r} in a job object", code="duplicate_key", field=k)
-            seen.add(k)
-        return dict(pairs)
 
+class _Duplicate(dict):  # type: ignore[type-arg]
+    """An object of the re-parse that had a repeated key (``key``)."""
+
+    key = ""
+
+
+class _OutOfRange:
+    """A number of the re-parse that is past float64's range."""
+
+
+_OUT_OF_RANGE = _OutOfRange()
+
+
+def _locate(body: bytes, kind: str) -> tuple[int | None, str | None, str | None]:
+    """The job index and field of the first repeated key (``kind="duplicate"``) or number past
+    float64's range (``"infinity"``) of a body, by a slow re-parse with Python's json module (the
+    error path only): ``(job, field, repeated key)``, all ``None`` when there is none in a job."""
     import json
 
-    json.loads(body, object_pairs_hook=hook)
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys: set[str] = set()
+        for k, _ in pairs:
+            if k in keys:
+                d = _Duplicate(pairs)
+                d.key = k
+                return d
+            keys.add(k)
+        return dict(pairs)
+
+    def number(text: str) -> Any:
+        try:
+            v = float(text)
+        except OverflowError:  # an integer literal past float64's range
+            return _OUT_OF_RANGE
+        return _OUT_OF_RANGE if v in (math.inf, -math.inf) else v
+
+    doc = json.loads(body, object_pairs_hook=pairs_hook, parse_float=number, parse_int=number)
+
+    def find(v: Any) -> str | None:  # the repeated key, or "" for a number out of range
+        if kind == "infinity" and v is _OUT_OF_RANGE:
+            return ""
+        if kind == "duplicate" and isinstance(v, _Duplicate):
+            return v.key
+        for e in v.values() if isinstance(v, dict) else v if isinstance(v, list) else ():
+            found = find(e)
+            if found is not None:
+                return found
+        return None
+
+    docs = [doc] if isinstance(doc, dict) else doc if isinstance(doc, list) else []
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict):
+            continue
+        if kind == "duplicate" and isinstance(d, _Duplicate):
+            return i, d.key, d.key
+        for k, v in d.items():
+            found = find(v)
+            if found is not None:
+                return i, k, found or None
+    return None, None, None
 
 
 def has_literals(body: bytes) -> bool:
@@ -149,14 +210,19 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
+class RankError(ValueError):
+    """A nested list deeper than the rank limit (``too_large``, as for binary arrays)."""
+
+
 def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.ndarray:
     """A JSON number or rectangular nested list of numbers as a NumPy array (float64 or int64).
 
-    Raises ``ValueError`` with a message that points at the offending element (``x[1][2]: ...``).
+    Raises ``ValueError`` with a message that points at the offending element (``x[1][2]: ...``),
+    ``RankError`` (a ``ValueError``) past ``max_rank``.
     """
     if isinstance(value, np.ndarray):  # decoded by the simdjson fast path: float64, rectangular
         if value.ndim > max_rank:
-            raise ValueError(f"{field}: rank {value.ndim} exceeds the limit of {max_rank}")
+            raise RankError(f"{field}: rank {value.ndim} exceeds the limit of {max_rank}")
         return value
     if isinstance(value, bool) or value is None or not isinstance(value, (int, float, list)):
         raise ValueError(f"{field}: expected a number or a nested list of numbers, got {_kind(value)}")
@@ -171,7 +237,7 @@ def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.nd
             a = None
         if a is not None and a.dtype.kind in "if":
             if a.ndim > max_rank:
-                raise ValueError(f"{field}: rank {a.ndim} exceeds the limit of {max_rank}")
+                raise RankError(f"{field}: rank {a.ndim} exceeds the limit of {max_rank}")
             # a JSON number is read as the nearest float64 (as the simdjson path and most JSON
             # readers do), then cast to the job's dtype: integers take the same route as decimals
             return a if a.dtype.kind == "f" else a.astype(np.float64)
@@ -199,7 +265,7 @@ def _walk(value: Any, path: str, max_rank: int) -> tuple[int, ...]:
     while isinstance(v, list):  # the shape is read off the first element at each depth
         shape.append(len(v))
         if len(shape) > max_rank:
-            raise ValueError(f"{path}: rank exceeds the limit of {max_rank}")
+            raise RankError(f"{path}: rank exceeds the limit of {max_rank}")
         if not v:
             break
         v = v[0]
@@ -330,7 +396,8 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
         try:
             arr = json_array(value, key, careful=careful, max_rank=limits.max_rank)
         except ValueError as exc:
-            raise fail(key, str(exc).removeprefix(f"{key}: "), "invalid_type") from None
+            code = "too_large" if isinstance(exc, RankError) else "invalid_type"
+            raise fail(key, str(exc).removeprefix(f"{key}: "), code) from None
         if key == "x":
             x = arr
         elif key == "cotangent":
@@ -374,6 +441,9 @@ def job_from_binary(
                 raise fail(key, "goes in the query string, not in the .npz", "unknown_field")
             raise fail(key, _unknown(key, sur, endpoint), "unknown_field")
     for key, raw in q.items():
+        if key == "x":
+            raise fail("x", "goes in the body (the .npy array, or the .npz member x), not in the query string",
+                       "unknown_field")
         if key not in allowed:
             raise fail(key, _unknown(key, sur, endpoint) + " (in the query string)", "unknown_field")
         if key in arrays:
@@ -387,7 +457,7 @@ def job_from_binary(
 
 
 # A JSON-style number, plus nan/inf spellings (refused later by the constraints, with a clear message)
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE | re.ASCII)
 
 
 def accepts_npy(accept: str | None) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import surrogate_core as core
@@ -13,7 +14,7 @@ import surrogate_core as core
 from ... import __version__
 from ...asgi import Call, Response, json_response
 from ...binary import NPY, NPZ, _npy_parts
-from ...dataplane import check_finite
+from ...dataplane import check_finite, json_parse_bytes, working_set
 from ...errors import ApiError, error_json
 from ...state import Runtime
 from . import fastjson
@@ -33,6 +34,8 @@ __all__ = ["compute", "healthz", "info", "metrics", "readyz", "render_error", "s
 JSON = "application/json"
 _MEDIA = (JSON, NPY, NPZ)
 _NPY = NPY.encode()
+#: Bodies larger than this are decoded in a worker thread, so the event loop stays free.
+OFFLOAD_BYTES = 1 << 20
 
 
 def render_error(err: ApiError) -> Response:
@@ -43,46 +46,62 @@ def render_error(err: ApiError) -> Response:
 def compute(endpoint: str):
     """The handler of ``POST /v1/{endpoint}``."""
 
-    async def handler(call: Call, rt: Runtime) -> Response:
-        s = rt.settings
-        mt = media_type(call.header(b"content-type"), _MEDIA)
-        want_npy = accepts_npy(call.header(b"accept"))
-        body = await call.body(s.max_body_bytes)
+    def decode(mt: str, body: bytes, query: list[tuple[str, str]], s: Any) -> tuple[list[core.Job], bool]:
         if mt == JSON:
-            query = call.query
-            if query:
-                key = query[0][0]
-                raise ApiError(
-                    422,
-                    f"query parameter {key!r}: the query string is for binary bodies; put fields in the JSON job",
-                    field=key,
-                    code="unknown_field",
-                )
             careful = has_literals(body)
             fast = None if careful else fastjson.decode(body, max_rank=s.max_rank)
             docs, single = fast if fast is not None else parse_json(body)
             jobs = jobs_from_json(
                 docs, endpoint, careful=careful, max_rank=s.max_rank, max_elements=s.max_elements, max_jobs=s.max_jobs
             )
-        else:
-            single = True
-            jobs = [
-                job_from_binary(endpoint, mt, body, call.query, max_rank=s.max_rank, max_elements=s.max_elements)
-            ]
-        if want_npy and not single:
-            raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
-        results = await rt.dataplane.infer(jobs, endpoint)
+            return jobs, single
+        return [job_from_binary(endpoint, mt, body, query, max_rank=s.max_rank, max_elements=s.max_elements)], True
+
+    def encode(jobs: list[core.Job], results: list[Any], single: bool) -> Response:
         hint = f"ask for 'Accept: {NPY}'"
-        if want_npy:
-            job, res = jobs[0], results[0]
-            check_finite(job, res, text=False, where="job 0", job_index=0, hint=hint)
-            return Response(200, _NPY, _npy_parts(res),
-                            [(b"x-surrogate-dtype", job.dtype.encode()), (b"x-surrogate-name", job.surrogate.encode())])
         out: list[dict[str, Any]] = []
         for i, (job, res) in enumerate(zip(jobs, results)):
             check_finite(job, res, text=True, where=f"job {i}", job_index=i, hint=hint)
             out.append(result_dict(endpoint, job.surrogate, job.dtype, res))
         return json_response(encode_json(out[0] if single else out))
+
+    async def handler(call: Call, rt: Runtime) -> Response:
+        s = rt.settings
+        dp = rt.dataplane
+        mt = media_type(call.header(b"content-type"), _MEDIA)
+        want_npy = accepts_npy(call.header(b"accept"))
+        query = call.query
+        if mt == JSON and query:
+            key = query[0][0]
+            raise ApiError(
+                422,
+                f"query parameter {key!r}: the query string is for binary bodies; put fields in the JSON job",
+                field=key,
+                code="unknown_field",
+            )
+        body = await call.body(s.max_body_bytes)
+        ticket = call.ticket
+        parsed = len(body) + (json_parse_bytes(body) if mt == JSON else 0)
+        if ticket is not None:
+            ticket.require(parsed, f"decoding a {len(body)}-byte body")
+        if len(body) > OFFLOAD_BYTES:  # large decodes run off the event loop
+            jobs, single = await anyio.to_thread.run_sync(decode, mt, body, query, s)
+        else:
+            jobs, single = decode(mt, body, query, s)
+        if want_npy and not single:
+            raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
+        dp.check(jobs, where=lambda i: f"job {i}")
+        if ticket is not None:
+            ticket.require(parsed + working_set(jobs, text=not want_npy), "this request")
+        results = await dp.infer(jobs, endpoint)
+        if want_npy:
+            job, res = jobs[0], results[0]
+            check_finite(job, res, text=False, where="job 0", job_index=0, hint="")
+            return Response(200, _NPY, _npy_parts(res),
+                            [(b"x-surrogate-dtype", job.dtype.encode()), (b"x-surrogate-name", job.surrogate.encode())])
+        if sum(j.size for j in jobs) > s.offload_elements:  # large answers are written off the event loop
+            return await anyio.to_thread.run_sync(encode, jobs, results, single)
+        return encode(jobs, results, single)
 
     handler.__name__ = endpoint
     return handler
@@ -119,6 +138,13 @@ async def info(call: Call, rt: Runtime) -> Response:
             "max_jobs": s.max_jobs,
             "max_concurrent": s.max_concurrent,
             "max_queue": s.max_queue,
+            "max_variants": s.max_variants,
+        },
+        "memory": {
+            "budget": rt.dataplane.budget.capacity,
+            "source": rt.dataplane.budget_source,
+            "in_use": rt.dataplane.budget.in_use,
+            "peak": rt.dataplane.budget.peak,
         },
         "root_path": s.root_path,
         "compilations": rt.engine.stats.compilations,

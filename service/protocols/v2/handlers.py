@@ -17,6 +17,7 @@ import math
 import zlib
 from typing import Any
 
+import anyio.to_thread
 import ml_dtypes
 import numpy as np
 import orjson
@@ -25,10 +26,11 @@ import surrogate_core as core
 
 from ... import __version__
 from ...asgi import Call, Response, json_response
-from ...dataplane import check_finite
+from ...dataplane import check_finite, json_parse_bytes, working_set
 from ...errors import ApiError
 from ...state import Runtime
 from ..v1.codecs import has_literals, json_array
+from ..v1.handlers import OFFLOAD_BYTES
 
 __all__ = [
     "DATATYPES",
@@ -142,14 +144,10 @@ async def repository_index(call: Call, rt: Runtime) -> Response:
 
 # -- infer ------------------------------------------------------------------------------------
 
-def _split(call: Call, body: bytes) -> tuple[bytes, memoryview]:
-    raw = call.header(b"inference-header-content-length")
+def _split(raw: str | None, body: bytes) -> tuple[bytes, memoryview]:
     if raw is None:
         return body, memoryview(b"")
-    try:
-        n = int(raw)
-    except ValueError:
-        raise _bad(f"Inference-Header-Content-Length {raw!r} is not an integer") from None
+    n = _int(raw)
     if n < 0 or n > len(body):
         raise _bad(f"Inference-Header-Content-Length {n} is past the end of the {len(body)}-byte body")
     view = memoryview(body)
@@ -227,7 +225,36 @@ async def infer(call: Call, rt: Runtime) -> Response:
     s = rt.settings
     sur = _model(call)
     body = await call.body(s.max_body_bytes, decode_content=True)
-    head, rest = _split(call, body)
+    header_length = call.header(b"inference-header-content-length")
+    ticket = call.ticket
+    head_end = len(body) if header_length is None else min(len(body), max(0, _int(header_length)))
+    parsed = len(body) + json_parse_bytes(body[:head_end])
+    if ticket is not None:
+        ticket.require(parsed, f"decoding a {len(body)}-byte body")
+    if len(body) > OFFLOAD_BYTES:  # large decodes run off the event loop
+        req, outputs, jobs = await anyio.to_thread.run_sync(_decode, sur, body, header_length, s)
+    else:
+        req, outputs, jobs = _decode(sur, body, header_length, s)
+    rt.dataplane.check(jobs, where=lambda i: f"output {outputs[i][0]!r}", job_index=False)
+    if ticket is not None:
+        ticket.require(parsed + working_set(jobs, text=not all(b for _, b in outputs)), "this request")
+    results = await rt.dataplane.infer(jobs, "infer")
+    if sum(j.size for j in jobs) > s.offload_elements:  # large answers are written off the event loop
+        return await anyio.to_thread.run_sync(_encode, call.header(b"accept-encoding"), req, sur, outputs, jobs, results)
+    return _encode(call.header(b"accept-encoding"), req, sur, outputs, jobs, results)
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise _bad(f"Inference-Header-Content-Length {raw!r} is not an integer") from None
+
+
+def _decode(sur: core.Surrogate, body: bytes, header_length: str | None, s: Any
+            ) -> tuple[dict[str, Any], list[tuple[str, bool]], list[core.Job]]:
+    """An infer request's JSON header and binary tensors into core jobs, one per requested output."""
+    head, rest = _split(header_length, body)
     if not head.strip():
         raise _bad("empty request body; send an inference request object")
     try:
@@ -290,7 +317,6 @@ async def infer(call: Call, rt: Runtime) -> Response:
     outputs = _requested(req.get("outputs"), sur, cot is not None, binary_all)
     limits = core.Limits(max_rank=s.max_rank, max_elements=s.max_elements)
     jobs = []
-    total = 0
     for out_name, _ in outputs:
         try:
             job = core.make_job(OUTPUTS[out_name], x, surrogate=sur.name, dtype=dtype, params=params,
@@ -299,13 +325,8 @@ async def infer(call: Call, rt: Runtime) -> Response:
             kind = "parameter" if exc.field in sur.param_names and exc.field in params_in else "input"
             where = f"{kind} {exc.field!r}: " if exc.field else ""
             raise ApiError(400, where + exc.message, field=exc.field, code=exc.code) from None
-        total += job.size
-        if total > s.max_elements:
-            raise ApiError(400, f"the requested outputs hold more than {s.max_elements} elements in all (after "
-                                "broadcasting), over the limit", field="outputs", code="too_large")
         jobs.append(job)
-    results = await rt.dataplane.infer(jobs, "infer")
-    return _encode(call, req, sur, outputs, jobs, results)
+    return req, outputs, jobs
 
 
 def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_all: bool) -> list[tuple[str, bool]]:
@@ -341,7 +362,7 @@ def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_al
     return out
 
 
-def _encode(call: Call, req: dict[str, Any], sur: core.Surrogate, outputs: list[tuple[str, bool]],
+def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogate, outputs: list[tuple[str, bool]],
             jobs: list[core.Job], results: list[np.ndarray]) -> Response:
     descr: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
@@ -372,7 +393,7 @@ def _encode(call: Call, req: dict[str, Any], sur: core.Surrogate, outputs: list[
     else:
         ctype = b"application/json"
     parts: list[bytes | memoryview] = [head, *chunks]
-    encoding = _accepted_encoding(call.header(b"accept-encoding"))
+    encoding = _accepted_encoding(accept_encoding)
     if encoding is not None:
         z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
         parts = [b"".join([z.compress(p) for p in parts] + [z.flush()])]
