@@ -107,7 +107,7 @@ BAD = [
     ({"x": [1.0], "surrogate": 3}, 422, "invalid_type", 0, "surrogate", "string"),
     ({"x": [1.0], "alpah": 2.0}, 422, "unknown_field", 0, "alpah", "did you mean 'alpha'"),
     ({"x": [1.0], "dtype": "float8"}, 422, "unknown_dtype", 0, "dtype", "float32"),
-    ({"x": [[[[[[[[[1.0]]]]]]]]]}, 422, "invalid_type", 0, "x", "rank"),
+    ({"x": [[[[[[[[[1.0]]]]]]]]]}, 422, "too_large", 0, "x", "rank"),
     ({"x": [0.5], "alpha": 300.0, "dtype": "float16"}, 422, "not_representable", 0, "alpha", "float16"),
     ({"x": [70000.0], "dtype": "float16"}, 422, "not_representable", 0, "x", "float16"),
     ({"x": [0.0], "alpha": 2.0, "cotangent": 60000.0, "dtype": "float16"}, 422, "not_representable", 0, "dtype", "overflow"),
@@ -117,8 +117,8 @@ BAD = [
     ([{"x": [0.0]}] * 17, 422, "too_large", None, None, "limit of 16"),
     ({"x": np.zeros(100_001).tolist()}, 422, "too_large", 0, "x", "100000"),
     ({"x": np.zeros(1000).tolist(), "alpha": np.ones((1000, 1)).tolist()}, 422, "too_large", 0, "x", "elements"),
-    (3, 422, "invalid_value", None, None, "job object"),
-    ({"x": [1e400]}, 422, "not_representable", None, None, "float64 range"),
+    (3, 422, "invalid_type", None, None, "job object"),
+    ({"x": [1e400]}, 422, "not_representable", 0, "x", "float64 range"),
 ]
 
 

@@ -135,7 +135,10 @@ def _locate(body: bytes, kind: str) -> tuple[int | None, str | None, str | None]
             return _OUT_OF_RANGE
         return _OUT_OF_RANGE if v in (math.inf, -math.inf) else v
 
-    doc = json.loads(body, object_pairs_hook=pairs_hook, parse_float=number, parse_int=number)
+    try:
+        doc = json.loads(body, object_pairs_hook=pairs_hook, parse_float=number, parse_int=number)
+    except (ValueError, RecursionError):  # nested deeper than Python's parser goes: no job to name
+        return None, None, None
 
     def find(v: Any) -> str | None:  # the repeated key, or "" for a number out of range
         if kind == "infinity" and v is _OUT_OF_RANGE:
