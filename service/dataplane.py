@@ -38,7 +38,7 @@ from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
 from .settings import Settings
 
-__all__ = ["DataPlane", "Ticket", "check_finite", "is_finite", "json_parse_bytes", "working_set"]
+__all__ = ["MAX_JSON_ARRAYS", "DataPlane", "Ticket", "check_finite", "is_finite", "json_parse_bytes", "working_set"]
 
 log = logging.getLogger("service.dataplane")
 
@@ -187,10 +187,24 @@ class Ticket:
             self.held = 0
 
 
+#: Most JSON arrays (``[`` tokens) one body may hold: parsing makes a Python list of each, and a
+#: body of 16 million one-element rows would hold the interpreter for seconds. Larger nested
+#: arrays travel as ``.npy``.
+MAX_JSON_ARRAYS = 1 << 17
+
+
 def json_parse_bytes(body: bytes) -> int:
-    """An upper estimate of the memory a general JSON parser makes of ``body``: a Python object and
-    a list slot per number, a list per bracket (counted at C speed, before parsing)."""
+    """An upper estimate of the memory a general JSON parser makes of ``body`` (a Python object and
+    a list slot per number, a list per bracket), counted at C speed before parsing; a body of more
+    than ``MAX_JSON_ARRAYS`` arrays is refused here."""
     commas, brackets = body.count(b","), body.count(b"[")
+    if brackets > MAX_JSON_ARRAYS:
+        raise ApiError(
+            422,
+            f"the JSON body holds {brackets} arrays, over the limit of {MAX_JSON_ARRAYS}; send large nested arrays "
+            "as .npy (application/x-npy)",
+            field="x", code="too_large",
+        )
     return 40 * (commas + 1) + 72 * brackets
 
 

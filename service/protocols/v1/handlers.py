@@ -4,9 +4,11 @@ and metrics endpoints. No math and no limits here: those are the data plane's.""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio.to_thread
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import surrogate_core as core
@@ -16,6 +18,7 @@ from ...asgi import Call, Response, json_response
 from ...binary import NPY, NPZ, _npy_parts
 from ...dataplane import check_finite, json_parse_bytes, working_set
 from ...errors import ApiError, error_json
+from ...jsonout import PIECE, result_pieces
 from ...state import Runtime
 from . import fastjson
 from .codecs import (
@@ -59,11 +62,20 @@ def compute(endpoint: str):
 
     def encode(jobs: list[core.Job], results: list[Any], single: bool) -> Response:
         hint = f"ask for 'Accept: {NPY}'"
-        out: list[dict[str, Any]] = []
         for i, (job, res) in enumerate(zip(jobs, results)):
             check_finite(job, res, text=True, where=f"job {i}", job_index=i, hint=hint)
-            out.append(result_dict(endpoint, job.surrogate, job.dtype, res))
-        return json_response(encode_json(out[0] if single else out))
+        if not any(_large(r) for r in results):
+            out = [result_dict(endpoint, job.surrogate, job.dtype, res) for job, res in zip(jobs, results)]
+            return json_response(encode_json(out[0] if single else out))
+        pieces: list[bytes] = [] if single else [b"["]
+        for i, (job, res) in enumerate(zip(jobs, results)):
+            if i:
+                pieces.append(b",")
+            a = res if res.dtype.kind == "f" and res.itemsize >= 4 else res.astype(np.float32)
+            pieces += result_pieces({"surrogate": job.surrogate, "dtype": job.dtype, "shape": list(res.shape)}, endpoint, a)
+        if not single:
+            pieces.append(b"]")
+        return Response(200, b"application/json", pieces)
 
     async def handler(call: Call, rt: Runtime) -> Response:
         s = rt.settings
@@ -105,6 +117,14 @@ def compute(endpoint: str):
 
     handler.__name__ = endpoint
     return handler
+
+
+def _large(a: Any) -> bool:
+    """Whether an answer is written in pieces: many elements, or many (nested) empty lists."""
+    if a.size:
+        return a.size > PIECE
+    shape = a.shape
+    return a.ndim > 1 and math.prod(shape[: shape.index(0)]) > 1024
 
 
 async def surrogates(call: Call, rt: Runtime) -> Response:
