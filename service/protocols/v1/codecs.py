@@ -394,7 +394,9 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
     for key, value in doc.items():
         if key == "surrogate" or key == "dtype":
             continue
-        if (key == "cotangent" and endpoint != "grad") or (key not in ("x", "cotangent") and key not in sur.param_names):
+        if (key == "cotangent" and endpoint != "grad") or (
+            key not in ("x", "cotangent") and key not in sur.param_names
+        ):
             raise fail(key, _unknown(key, sur, endpoint), "unknown_field")
         try:
             arr = json_array(value, key, careful=careful, max_rank=limits.max_rank)
@@ -456,11 +458,15 @@ def job_from_binary(
         arrays[key] = np.asarray(float(raw))
     x = arrays.pop("x")
     ct = arrays.pop("cotangent", None)
-    return _make_job(0, endpoint, x, ct, arrays, surrogate, dtype, core.Limits(max_rank=max_rank, max_elements=max_elements))
+    limits = core.Limits(max_rank=max_rank, max_elements=max_elements)
+    return _make_job(0, endpoint, x, ct, arrays, surrogate, dtype, limits)
 
 
 # A JSON-style number, plus nan/inf spellings (refused later by the constraints, with a clear message)
-_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE | re.ASCII)
+# (ASCII digits only: ``\d`` would take a fullwidth or Arabic-Indic digit, which float() reads)
+_NUMBER = re.compile(
+    r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE | re.ASCII
+)
 
 
 def accepts_npy(accept: str | None) -> bool:
@@ -477,7 +483,8 @@ def accepts_npy(accept: str | None) -> bool:
                     q = float(f[2:])
                 except ValueError:
                     q = 0.0
-        kind = "npy" if mt == "application/x-npy" else "json" if mt in ("application/json", "application/*", "*/*") else None
+        json_types = ("application/json", "application/*", "*/*")
+        kind = "npy" if mt == "application/x-npy" else "json" if mt in json_types else None
         if kind:
             best[kind] = max(best[kind], q)
     return best["npy"] > 0 and best["npy"] > best["json"]
