@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", help="bind address (default SURROGATE_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default SURROGATE_PORT or 8000)")
     p.add_argument("--workers", type=int, help="worker processes (default SURROGATE_WORKERS or 1)")
+    p.add_argument("--root-path", help="path prefix a proxy strips before forwarding (default SURROGATE_ROOT_PATH)")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
