@@ -177,14 +177,16 @@ def decode_npz(body: bytes, *, max_rank: int, max_elements: int) -> dict[str, np
     return out
 
 
-def _npy_parts(a: np.ndarray) -> tuple[bytes, bytes]:
+def _npy_parts(a: np.ndarray) -> tuple[bytes, memoryview]:
+    """``a`` as a ``.npy`` file in two parts, header and data; the data is a view of ``a``'s memory
+    (no copy) when ``a`` is contiguous."""
     if a.dtype.kind != "f":  # bfloat16 is widened, exactly, to float32
         a = a.astype(np.float32)
     a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray makes 0-d arrays 1-d
     header = {"descr": npformat.dtype_to_descr(a.dtype), "fortran_order": False, "shape": a.shape}
     buf = io.BytesIO()
     npformat.write_array_header_1_0(buf, header) if _fits_v1(header) else npformat.write_array_header_2_0(buf, header)
-    return buf.getvalue(), a.tobytes()
+    return buf.getvalue(), a.reshape(-1).view(np.uint8).data
 
 
 

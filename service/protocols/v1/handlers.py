@@ -91,7 +91,7 @@ def compute(endpoint: str):
                 field=key,
                 code="unknown_field",
             )
-        body = await call.body(s.max_body_bytes)
+        body = await call.body(s.max_body_bytes, into_buffer=mt != JSON)
         ticket = call.ticket
         parsed = len(body) + (json_parse_bytes(body) if mt == JSON else 0)
         if ticket is not None:

@@ -224,7 +224,7 @@ def _decode_input(t: Any, i: int, rest: memoryview, offset: int, careful: bool, 
 async def infer(call: Call, rt: Runtime) -> Response:
     s = rt.settings
     sur = _model(call)
-    body = await call.body(s.max_body_bytes, decode_content=True)
+    body = await call.body(s.max_body_bytes, decode_content=True, into_buffer=True)
     header_length = call.header(b"inference-header-content-length")
     ticket = call.ticket
     head_end = len(body) if header_length is None else min(len(body), max(0, _int(header_length)))
