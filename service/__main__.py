@@ -16,7 +16,7 @@ import uvicorn
 import surrogate_core
 
 from . import lifecycle
-from .settings import Settings
+from .settings import Settings, load_settings
 
 log = logging.getLogger("service")
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root-path", help="path prefix a proxy strips before forwarding (default SURROGATE_ROOT_PATH)")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -76,7 +76,7 @@ def create_worker_app() -> Any:
     from .app import create_app
 
     surrogate_core.configure_for_serving()
-    return create_app(Settings())
+    return create_app(load_settings())
 
 
 class _GracefulServer(uvicorn.Server):

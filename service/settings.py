@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["InvalidSettings", "Settings", "get_settings", "load_settings"]
 
 
 class Settings(BaseSettings):
     """Every setting can be given as ``SURROGATE_<NAME>`` (e.g. ``SURROGATE_MAX_ELEMENTS=1000000``)."""
 
-    model_config = SettingsConfigDict(env_prefix="SURROGATE_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a validation error never echoes what it was given (a token, say)
+    model_config = SettingsConfigDict(env_prefix="SURROGATE_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     host: str = Field("127.0.0.1", description="Address to bind (`make serve` and `python -m service`).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
@@ -125,18 +127,26 @@ class Settings(BaseSettings):
         # SURROGATE_API_TOKEN= (empty, as compose writes an unset ${VAR}) means no token
         return None if isinstance(v, str) and not v.strip() else v
 
-    @model_validator(mode="after")
-    def _tokens_are_usable(self) -> "Settings":
-        if self.api_token is not None and len(self.api_token.get_secret_value().strip()) < 16:
-            raise ValueError("SURROGATE_API_TOKEN must be at least 16 characters")
-        if self.api_token_file is not None:
-            if not self.api_token_file.is_file():
-                raise ValueError(f"SURROGATE_API_TOKEN_FILE {self.api_token_file} is not a readable file")
-            if not self.tokens():
-                raise ValueError(f"SURROGATE_API_TOKEN_FILE {self.api_token_file} holds no token")
-            if any(len(t) < 16 for t in self.tokens()):
-                raise ValueError(f"every token in {self.api_token_file} must be at least 16 characters")
-        return self
+    @field_validator("api_token")
+    @classmethod
+    def _token_is_usable(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return v
+
+    @field_validator("api_token_file")
+    @classmethod
+    def _token_file_is_usable(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        if not v.is_file():
+            raise ValueError(f"{v} is not a readable file")
+        tokens = _read_tokens(v)
+        if not tokens:
+            raise ValueError(f"{v} holds no token")
+        if any(len(t) < 16 for t in tokens):
+            raise ValueError(f"every token in {v} must be at least 16 characters")
+        return v
 
     def tokens(self) -> list[str]:
         """Every accepted bearer token (empty: authentication is off)."""
@@ -144,13 +154,61 @@ class Settings(BaseSettings):
         if self.api_token is not None:
             out.append(self.api_token.get_secret_value().strip())
         if self.api_token_file is not None:
-            for line in self.api_token_file.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    out.append(line)
+            out += _read_tokens(self.api_token_file)
         return out
+
+
+def _read_tokens(path: Path) -> list[str]:
+    """The tokens of a token file: one per line, blank lines and ``#`` comments ignored."""
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
 
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+class InvalidSettings(SystemExit):
+    """A bad setting: exits with status 2; ``str()`` is one line per problem (no secret in it)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(2)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """``Settings(**overrides)`` for a program's start: a bad setting is reported on stderr as one
+    line per problem, ``surrogate-serve: invalid setting SURROGATE_PORT: ... (got '70000')``, never
+    with the value of a secret (a token) and never with a traceback, and the program exits with 2."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [_problem(e) for e in exc.errors(include_url=False)]
+    err = InvalidSettings(problems)
+    print(str(err), file=sys.stderr)
+    raise err
+
+
+#: Fields whose values are never shown.
+_SECRET = frozenset({"api_token"})
+
+
+def _problem(e: Any) -> str:
+    loc = [str(p) for p in e.get("loc", ())]
+    name = loc[0] if loc else ""
+    where = f"SURROGATE_{name.upper()}" if name else "settings"
+    msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+    line = f"surrogate-serve: invalid setting {where}: {msg}"
+    # the value is shown, except for secrets and where the message says it already (our own checks)
+    if name and name not in _SECRET and "input" in e and e.get("type") not in ("missing", "value_error"):
+        shown = repr(e["input"])
+        line += f" (got {shown if len(shown) <= 80 else shown[:80] + '...'})"
+    return line
