@@ -53,6 +53,8 @@ class Response:
             await send({"type": "http.response.body", "body": b""})
             return
         last = len(pieces) - 1
+        if self.length <= CHUNK:  # small: handed over at once, no wait on the reader worth a timer
+            timeout = None
         for i, chunk in enumerate(pieces):
             if len(chunk) <= CHUNK:
                 await _send_piece(send, chunk, i < last, timeout)

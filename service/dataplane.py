@@ -97,9 +97,21 @@ class DataPlane:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
 
-    def check(self, jobs: Sequence[core.Job], *, where: Callable[[int], str], job_index: bool = True) -> None:
+    def admit_jobs(self, jobs: Sequence[core.Job], ticket: Ticket | None, decoded: int, *, text: bool,
+                   where: Callable[[int], str], job_index: bool = True) -> None:
+        """Check a request's jobs against the limits (:meth:`check`) and grow its reservation to
+        ``decoded`` (what decoding made, body included) plus their working set."""
+        n = self.check(jobs, where=where, job_index=job_index)
+        if ticket is None:
+            return
+        if n <= SMALL_ELEMENTS:  # a cheap bound for small requests: padded buffers and answers are small
+            ticket.require(decoded + SMALL_JOB_BYTES * len(jobs) + 96 * n, "this request")
+        else:
+            ticket.require(decoded + working_set(jobs, text=text), "this request")
+
+    def check(self, jobs: Sequence[core.Job], *, where: Callable[[int], str], job_index: bool = True) -> int:
         """The protocol-neutral limits of a request's jobs, all together: elements (a zero-size
-        dimension counts as 1, so an answer's size is bounded too) and cost."""
+        dimension counts as 1, so an answer's size is bounded too) and cost. Returns the elements."""
         s = self.settings
         total = cost = 0.0
         for i, job in enumerate(jobs):
@@ -123,6 +135,7 @@ class DataPlane:
                         "parameters",
                         job=i if job_index else None, field="x", code="too_large",
                     )
+        return int(total)
 
     # -- compute -----------------------------------------------------------------------------
     async def infer(self, jobs: Sequence[core.Job], endpoint: str) -> list[np.ndarray]:
@@ -145,6 +158,12 @@ class DataPlane:
             ) from None
         self.metrics.count_elements(endpoint, sum(j.size for j in jobs))
         return results
+
+
+#: Requests of at most this many elements reserve ``SMALL_JOB_BYTES`` per job plus 96 bytes per element
+#: (more than their padded buffers, results and answers take), without working out their working set.
+SMALL_ELEMENTS = 1 << 14
+SMALL_JOB_BYTES = 1 << 16
 
 
 class Ticket:

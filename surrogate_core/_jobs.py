@@ -153,6 +153,11 @@ def make_job(
     for name, a in arrays:
         if a.ndim > limits.max_rank:
             raise JobError(name, f"rank {a.ndim} exceeds the limit of {limits.max_rank}", code="too_large")
+        if a.shape == shape or not a.ndim:  # the common cases: nothing to broadcast
+            continue
+        if not shape:
+            shape = a.shape
+            continue
         try:
             shape = np.broadcast_shapes(shape, a.shape)
         except ValueError:

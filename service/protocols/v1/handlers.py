@@ -16,7 +16,7 @@ import surrogate_core as core
 from ... import __version__
 from ...asgi import Call, Response, json_response
 from ...binary import NPY, NPZ, _npy_parts
-from ...dataplane import check_finite, json_parse_bytes, working_set
+from ...dataplane import check_finite, json_parse_bytes
 from ...errors import ApiError, error_json
 from ...jsonout import PIECE, result_pieces
 from ...state import Runtime
@@ -102,9 +102,7 @@ def compute(endpoint: str):
             jobs, single = decode(mt, body, query, s)
         if want_npy and not single:
             raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
-        dp.check(jobs, where=lambda i: f"job {i}")
-        if ticket is not None:
-            ticket.require(parsed + working_set(jobs, text=not want_npy), "this request")
+        dp.admit_jobs(jobs, ticket, parsed, text=not want_npy, where=_job_where)
         results = await dp.infer(jobs, endpoint)
         if want_npy:
             job, res = jobs[0], results[0]
@@ -117,6 +115,10 @@ def compute(endpoint: str):
 
     handler.__name__ = endpoint
     return handler
+
+
+def _job_where(i: int) -> str:
+    return f"job {i}"
 
 
 def _large(a: Any) -> bool:

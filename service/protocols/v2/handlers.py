@@ -26,7 +26,7 @@ import surrogate_core as core
 
 from ... import __version__
 from ...asgi import Call, Response, json_response
-from ...dataplane import check_finite, json_parse_bytes, working_set
+from ...dataplane import check_finite, json_parse_bytes
 from ...errors import ApiError
 from ...state import Runtime
 from ..v1.codecs import has_literals, json_array
@@ -235,9 +235,8 @@ async def infer(call: Call, rt: Runtime) -> Response:
         req, outputs, jobs = await anyio.to_thread.run_sync(_decode, sur, body, header_length, s)
     else:
         req, outputs, jobs = _decode(sur, body, header_length, s)
-    rt.dataplane.check(jobs, where=lambda i: f"output {outputs[i][0]!r}", job_index=False)
-    if ticket is not None:
-        ticket.require(parsed + working_set(jobs, text=not all(b for _, b in outputs)), "this request")
+    rt.dataplane.admit_jobs(jobs, ticket, parsed, text=not all(b for _, b in outputs),
+                            where=lambda i: f"output {outputs[i][0]!r}", job_index=False)
     results = await rt.dataplane.infer(jobs, "infer")
     if sum(j.size for j in jobs) > s.offload_elements:  # large answers are written off the event loop
         return await anyio.to_thread.run_sync(_encode, call.header(b"accept-encoding"), req, sur, outputs, jobs, results)
