@@ -445,3 +445,175 @@ def test_the_reference_matches_the_core():
     x = np.linspace(-2, 2, 41)
     job = core.make_job("grad", x, surrogate=core.DEFAULT_SURROGATE, dtype="float64")
     np.testing.assert_allclose(core.Engine().run([job])[0], grad_ref(x), rtol=1e-12, atol=1e-12)
+
+
+# -- the metrics' text: the same as prometheus-client's own objects would write ---------------------
+
+class NativeMetrics:
+    """The reference: the same metrics as prometheus-client's Counter, Gauge and Histogram, each
+    update taking their locks (what service.metrics replaced on the request path)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        from service.metrics import BATCH_ELEMENT_BUCKETS, BATCH_REQUEST_BUCKETS, LATENCY_BUCKETS
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("surrogate_requests", "HTTP requests by endpoint, protocol and status.",
+                                ["endpoint", "protocol", "status"], registry=r)
+        self.latency = Histogram("surrogate_request_duration_seconds", "Request latency by endpoint.",
+                                 ["endpoint", "protocol"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("surrogate_requests_in_flight", "Compute requests being handled.", registry=r)
+        self.elements = Counter("surrogate_elements", "Result elements computed, by endpoint.", ["endpoint"],
+                                registry=r)
+        self.batch_requests = Histogram("surrogate_batch_requests", "Requests fused into one engine call.",
+                                        buckets=BATCH_REQUEST_BUCKETS, registry=r)
+        self.batch_elements = Histogram("surrogate_batch_elements", "Elements in one engine call.",
+                                        buckets=BATCH_ELEMENT_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("surrogate_batch_seconds", "Engine call time.", buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self.rejections = Counter("surrogate_rejections", "Requests refused by a limit, by reason.", ["reason"],
+                                  registry=r)
+        self.device_failures = Counter("surrogate_device_failures", "Engine calls that failed.", registry=r)
+
+    def observe_request(self, endpoint, protocol, status, seconds):
+        self.requests.labels(endpoint, protocol, str(status)).inc()
+        self.latency.labels(endpoint, protocol).observe(seconds)
+
+    def reject(self, reason):
+        self.rejections.labels(reason).inc()
+
+    def count_elements(self, endpoint, n):
+        self.elements.labels(endpoint).inc(n)
+
+    def on_batch(self, requests, elements, seconds):
+        self.batch_requests.observe(requests)
+        self.batch_elements.observe(elements)
+        self.batch_seconds.observe(seconds)
+
+
+def _events(m: Any) -> None:
+    """The same updates for both: values on bucket bounds, between them and past the last."""
+    from service.metrics import LATENCY_BUCKETS
+
+    rng = np.random.default_rng(7)
+    latencies = [*LATENCY_BUCKETS, 0.0, 1e-7, 31.0, *rng.uniform(0, 2, 50).tolist()]
+    for i, s in enumerate(latencies):
+        m.observe_request("/v1/grad" if i % 3 else "/v2/models/{model}/infer", "v1" if i % 3 else "v2",
+                          (200, 422, 503)[i % 3], s)
+    m.observe_request("other", "v1", 404, 0.001)
+    for reason in ("too_large", "body_too_large", "too_large", "queue"):
+        m.reject(reason)
+    for endpoint, n in (("grad", 5), ("spike", 1 << 20), ("grad", 0)):
+        m.count_elements(endpoint, n)
+    for req, el, s in ((1, 4, 0.0005), (3, 4**12, 0.2), (256, 4**13, 40.0), (2, 5, 0.0)):
+        m.on_batch(req, el, s)
+    m.in_flight.inc()
+    m.in_flight.inc()
+    m.in_flight.dec()
+    m.device_failures.inc()
+
+
+def _without_created_values(text: str) -> str:
+    import re
+
+    return re.sub(r"^(\w+_created(\{.*\})?) \S+$", r"\1 T", text, flags=re.MULTILINE)
+
+
+def test_the_metrics_text_is_what_prometheus_clients_objects_write():
+    from prometheus_client import generate_latest
+
+    from service.metrics import LocalMetrics
+
+    engine = core.Engine()
+    ours = LocalMetrics(engine, lambda: 0)
+    ref = NativeMetrics()
+    _events(ours)
+    _events(ref)
+    text = generate_latest(ours.registry).decode()
+    ref_text = generate_latest(ref.registry).decode()
+    engine_families = ("surrogate_compil", "surrogate_device_calls", "surrogate_jobs", "surrogate_padded",
+                       "surrogate_queue_depth", "surrogate_device_info")
+    ours_only = "\n".join(
+        line for line in text.splitlines() if not any(f in line for f in engine_families)
+    ) + "\n"
+    assert _without_created_values(ours_only) == _without_created_values(ref_text)
+    # the values themselves, as Prometheus reads them
+    assert ours.registry.get_sample_value(
+        "surrogate_request_duration_seconds_bucket", {"endpoint": "/v1/grad", "protocol": "v1", "le": "0.0005"}
+    ) == ref.registry.get_sample_value(
+        "surrogate_request_duration_seconds_bucket", {"endpoint": "/v1/grad", "protocol": "v1", "le": "0.0005"}
+    )
+    assert ours.registry.get_sample_value("surrogate_batch_elements_count") == 4
+    assert ours.registry.get_sample_value("surrogate_batch_elements_bucket", {"le": "+Inf"}) == 4
+    assert ours.registry.get_sample_value("surrogate_batch_elements_bucket", {"le": "4.0"}) == 1
+    assert ours.registry.get_sample_value("surrogate_rejections_total", {"reason": "too_large"}) == 2
+    assert ours.registry.get_sample_value("surrogate_requests_in_flight") == 1
+    # and the engine's families are there, read at scrape time
+    for family in ("surrogate_compilations_total 0.0", "surrogate_device_calls_total 0.0", "surrogate_queue_depth 0.0",
+                   "# TYPE surrogate_compiled_variants gauge", "surrogate_device_info{"):
+        assert family in text
+
+
+def test_the_created_series_are_the_times_the_series_appeared():
+    import time as _time
+
+    from service.metrics import LocalMetrics
+
+    t0 = _time.time()
+    m = LocalMetrics(core.Engine(), lambda: 0)
+    m.reject("queue")
+    t1 = _time.time()
+    created = m.registry.get_sample_value("surrogate_rejections_created", {"reason": "queue"})
+    assert t0 <= created <= t1
+    assert t0 <= m.registry.get_sample_value("surrogate_batch_seconds_created") <= t1
+
+
+def test_the_workers_metrics_add_up_in_one_scrape(tmp_path, monkeypatch):
+    """prometheus-client's multiprocess mode, two workers simulated in one process (each with its
+    own process identifier): one scrape sees the sum of both, engine statistics included."""
+    from prometheus_client import generate_latest, values
+
+    from service import metrics as sm
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    workers = []
+    for k, pid in enumerate(("1001", "1002")):
+        # what a worker process does: its values go to files named by its own process identifier
+        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue(process_identifier=lambda p=pid: p))
+        engine = core.Engine()
+        m = sm.Metrics(engine, lambda: 1)
+        assert isinstance(m, sm.SharedMetrics)
+        workers.append((m, engine))
+        x = np.linspace(-1, 1, 10 + k)
+        engine.run([core.make_job("grad", x, surrogate=core.DEFAULT_SURROGATE, dtype="float32")])
+        for _ in range(3 + k):
+            m.observe_request("/v1/grad", "v1", 200, 0.002)
+        m.count_elements("grad", 10 + k)
+        m.reject("too_large")
+        m.on_batch(1, 10 + k, 0.001)
+        m.in_flight.inc()
+    for m, _ in workers:  # whichever worker answers the scrape, it sees both
+        reg = m.registry
+        assert reg.get_sample_value(
+            "surrogate_requests_total", {"endpoint": "/v1/grad", "protocol": "v1", "status": "200"}) == 7
+        assert reg.get_sample_value(
+            "surrogate_request_duration_seconds_count", {"endpoint": "/v1/grad", "protocol": "v1"}) == 7
+        assert reg.get_sample_value("surrogate_elements_total", {"endpoint": "grad"}) == 21
+        assert reg.get_sample_value("surrogate_rejections_total", {"reason": "too_large"}) == 2
+        assert reg.get_sample_value("surrogate_batch_elements_count") == 2
+        assert reg.get_sample_value("surrogate_requests_in_flight") == 2
+        assert reg.get_sample_value("surrogate_compilations_total") == 2
+        assert reg.get_sample_value("surrogate_device_calls_total") == 2
+        assert reg.get_sample_value("surrogate_jobs_total") == 2
+        assert reg.get_sample_value("surrogate_queue_depth") == 2
+        assert reg.get_sample_value(
+            "surrogate_compiled_variants", {"op": "grad", "surrogate": core.DEFAULT_SURROGATE, "dtype": "float32"}
+        ) == 2
+        text = generate_latest(reg).decode()
+        assert "# TYPE surrogate_requests_total counter" in text
+        assert "surrogate_device_info{" in text
+    # publishing again adds nothing: counters grow by what the engine did since
+    workers[0][0].publish()
+    workers[0][0].publish()
+    assert workers[1][0].registry.get_sample_value("surrogate_compilations_total") == 2
