@@ -80,15 +80,18 @@ class Batcher:
         """Requests submitted and not yet answered (queued or computing)."""
         return self._waiting
 
-    async def submit(self, jobs: Sequence[core.Job]) -> list[np.ndarray]:
+    async def submit(self, jobs: Sequence[core.Job], *, alone: bool = False) -> list[np.ndarray]:
+        """The results of ``jobs``. ``alone``: no other request is in progress, so there is nothing
+        to gather with (a warm, small batch then computes at once, inline)."""
         if self._waiting >= self.max_queue:
             self.stats.rejected += 1
             raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         elements = sum(j.size for j in jobs)
-        if not self._pending and elements <= self.offload_elements and self._idle(loop) and self.engine.is_compiled(jobs):
-            # Nothing to gather with and nothing recent: answer at once, inline (no future, no extra
-            # turn of the event loop). Under load requests take the gathering path below.
+        if (alone or self._idle(loop)) and not self._pending and not self._in_flight \
+                and elements <= self.offload_elements and self.engine.is_compiled(jobs):
+            # Nothing to gather with: answer at once, inline (no future, no extra turn of the event
+            # loop). Under load requests take the gathering path below.
             self._last_flush = loop.time()
             t0 = time.perf_counter()
             try:
@@ -109,9 +112,10 @@ class Batcher:
                 if self._pending_elements >= self.max_batch_elements:
                     self._flush()
                 elif self._handle is None:
-                    if self.max_delay <= 0 or self._idle(loop):
+                    if self.max_delay <= 0 or not self._in_flight:
+                        # the device is free: gather what is ready in this turn of the loop, no more
                         self._handle = loop.call_soon(self._flush)
-                    else:
+                    else:  # the device is busy anyway: gather arrivals for a while
                         self._handle = loop.call_later(self.max_delay, self._flush)
             return await item.future
         finally:

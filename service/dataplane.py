@@ -141,7 +141,7 @@ class DataPlane:
     async def infer(self, jobs: Sequence[core.Job], endpoint: str) -> list[np.ndarray]:
         """The results of ``jobs``, in order (through the batcher)."""
         try:
-            results = await self.batcher.submit(jobs)
+            results = await self.batcher.submit(jobs, alone=self.in_flight <= 1)
         except Overloaded as exc:
             raise ApiError(
                 503, f"overloaded: {exc}; retry shortly", code="overloaded", headers={"Retry-After": "1"}, reason="queue"
