@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -52,12 +56,31 @@ def main(argv: list[str] | None = None) -> None:
         # The rest of the settings already come from the environment, which the workers inherit.
         for k, v in overrides.items():
             os.environ[f"SURROGATE_{k.upper()}"] = str(v)
-        uvicorn.run("service.__main__:create_worker_app", factory=True, workers=settings.workers, **options)
+        with _shared_metrics_dir():
+            uvicorn.run("service.__main__:create_worker_app", factory=True, workers=settings.workers, **options)
         return
     from .app import create_app
 
     surrogate_core.configure_for_serving()
     _GracefulServer(uvicorn.Config(create_app(settings), **options), drain=settings.shutdown_drain).run()
+
+
+@contextlib.contextmanager
+def _shared_metrics_dir() -> Iterator[None]:
+    """prometheus-client's multiprocess mode for the workers, so that one scrape of /metrics sees
+    the whole server: a fresh directory for their metric files, made before they are spawned (they
+    inherit PROMETHEUS_MULTIPROC_DIR) and removed at exit. A directory the environment already
+    names is used as it is."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="surrogate-serve-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _http_protocol(settings: Settings) -> str:
