@@ -617,3 +617,28 @@ def test_the_workers_metrics_add_up_in_one_scrape(tmp_path, monkeypatch):
     workers[0][0].publish()
     workers[0][0].publish()
     assert workers[1][0].registry.get_sample_value("surrogate_compilations_total") == 2
+
+
+# -- large JSON bodies (the simdjson path) are refused as small ones are ------------------------------
+
+_BIG = b"[" + b",".join([b"0.5"] * 10_000) + b"]"  # past service.protocols.v1.fastjson.MIN_BYTES
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "job", "field"),
+    [
+        (b'{"x": ' + _BIG + b', "alpha": ' + orjson.dumps(nested(9)) + b"}", "too_large", 0, "alpha"),
+        (b'[{"x": ' + _BIG + b'}, {"x": [1], "x": [2]}]', "duplicate_key", 1, "x"),
+        (b'[{"x": ' + _BIG + b'}, {"x": [1], "alpha": 1e999}]', "not_representable", 1, "alpha"),
+        (b'{"x": ' + _BIG + b', "alpha": true}', "invalid_type", 0, "alpha"),
+        (b'[{"x": ' + _BIG + b'}, {"x": ' + _BIG + b"}]", "too_large", 1, "x"),
+    ],
+    ids=["rank", "duplicate", "past-float64", "boolean", "elements"],
+)
+async def test_large_json_bodies_are_refused_as_small_ones(body, code, job, field):
+    from service.protocols.v1 import fastjson
+
+    assert len(body) > fastjson.MIN_BYTES
+    async with App(max_elements=15_000) as a:
+        r = await a.post(body)
+        assert err(r) == (422, code, job, field)
