@@ -40,6 +40,7 @@ class BatchStats:
     requests: int = 0
     failures: int = 0
     rejected: int = 0
+    skipped: int = 0  # batches not computed: every request had gone before their turn
 
 
 @dataclass
@@ -165,12 +166,22 @@ class Batcher:
 
     async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int) -> None:
         t0 = time.perf_counter()
+
+        def run() -> list[np.ndarray] | None:
+            # a worker thread may start this long after it was queued: if every request of the
+            # batch has gone (timed out, disconnected) meanwhile, its work is not done at all
+            if all(it.future.done() for it in items):
+                self.stats.skipped += 1
+                return None
+            return self.engine.run(jobs)
+
         try:
-            results = await anyio.to_thread.run_sync(self.engine.run, jobs)
+            results = await anyio.to_thread.run_sync(run)
         except Exception as exc:  # noqa: BLE001
             self._fail(items, exc)
         else:
-            self._deliver(items, results, total, time.perf_counter() - t0)
+            if results is not None:
+                self._deliver(items, results, total, time.perf_counter() - t0)
         finally:
             self._in_flight -= 1
 

@@ -152,3 +152,44 @@ async def test_the_compile_cache_is_capped_and_evictions_are_counted():
         # an evicted variant compiles again and answers correctly
         r = await a.client.post("/v1/grad", content=orjson.dumps({"x": [0.0], "surrogate": "sigmoid"}), headers=JSON)
         assert r.json()["grad"] == [1.0]
+
+
+async def test_work_whose_requests_have_gone_is_not_started():
+    """Batches queued for a worker thread whose requests time out before their turn compute nothing."""
+    import threading
+
+    async with App(request_timeout=0.3, offload_elements=0, batch_max_delay=0) as a:
+        gate = threading.Event()
+        ran = []
+        real = a.rt.engine.run
+
+        def run(jobs):
+            ran.append(len(jobs))
+            gate.wait(5)  # the first batch holds the only worker slot the test leaves free
+            return real(jobs)
+
+        a.rt.engine.run = run
+        import anyio.to_thread
+
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        old = limiter.total_tokens
+        limiter.total_tokens = 1
+        try:
+            def send():
+                return asyncio.ensure_future(a.client.post("/v1/grad", content=orjson.dumps({"x": [0.5]}), headers=JSON))
+
+            tasks = [send()]
+            await asyncio.sleep(0.05)  # the first batch now holds the worker; the next ones queue behind it
+            tasks += [send() for _ in range(3)]
+            responses = await asyncio.gather(*tasks)
+            assert {r.status_code for r in responses} == {503}  # all timed out
+            gate.set()
+            for _ in range(100):
+                if a.rt.batcher.stats.skipped >= 1 and a.rt.batcher.depth == 0:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            limiter.total_tokens = old
+        assert a.rt.batcher.stats.skipped >= 1
+        assert ran == [1]  # only the first batch was computed; the later ones never started
+        assert a.budget.in_use == 0
