@@ -55,7 +55,7 @@ docs: $(STAMP)
 notebook: $(STAMP)
 	$(BIN)/python tests/client/test_notebook.py
 
-test-container:
+test-container: $(STAMP)
 	bash scripts/test-container.sh
 
 clean:

@@ -444,6 +444,23 @@ log "API tokens: 401 without or with a wrong token; the environment's and the se
 record "compose: one node" "$(since "$t")"
 TOKEN=$ENV_TOKEN
 
+# Under the compose memory limit, a burst of 48 concurrent 57 MiB requests is admitted by the memory
+# budget (taken from the container's limit): answered 200 or 503, the container never OOM-killed.
+t=$(now)
+limit=$(podman inspect --format '{{.HostConfig.Memory}}' "$node")
+[ "$limit" = 2147483648 ] || fail "the compose memory limit is not applied (HostConfig.Memory=$limit)"
+if [ -x .venv/bin/python ]; then
+    log "burst: 48 x 57 MiB under the 2g memory limit"
+    .venv/bin/python scripts/burst.py "http://127.0.0.1:$SURROGATE_HOST_PORT" 48 "$TOKEN" || fail "burst under the memory limit"
+    state=$(podman inspect --format '{{.State.OOMKilled}} {{.RestartCount}} {{.State.Running}}' "$node")
+    [ "$state" = "false 0 true" ] || fail "after the burst: OOMKilled, restarts, running = $state"
+    check_service "http://127.0.0.1:$SURROGATE_HOST_PORT"
+    log "burst: not OOM-killed, no restart, answers after"
+    record "compose: burst under 2g" "$(since "$t")"
+else
+    log "burst skipped: no .venv (run make install first)"
+fi
+
 t=$(now)
 log "podman-compose --profile scale up ($REPLICAS replicas + nginx) on 127.0.0.1:$SURROGATE_LB_PORT"
 compose --profile scale up -d >"$WORK/compose-scale.log" 2>&1 \

@@ -116,7 +116,7 @@ class Service:
             if message["type"] == "lifespan.startup":
                 try:
                     await cm.__aenter__()
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                     return
@@ -222,7 +222,7 @@ def create_app(settings: Settings | None = None) -> Any:
     from fastapi import FastAPI
 
     traced = FastAPI(lifespan=lambda _: service.lifespan(), openapi_url=None, docs_url=None, redoc_url=None)
-    traced.mount("/", service)
+    traced.mount("/", service)  # type: ignore[arg-type]
     traced.state.runtime = service.runtime
     traced.openapi = service.openapi  # type: ignore[method-assign]
     return traced

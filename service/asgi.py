@@ -154,9 +154,12 @@ class Call:
                 try:
                     chunk = inflater.decompress(chunk, limit - size + 1)
                     if inflater.unconsumed_tail:
-                        raise ApiError(413, f"the inflated request body is over the limit of {limit} bytes", field="body")
+                        raise ApiError(
+                            413, f"the inflated request body is over the limit of {limit} bytes", field="body"
+                        )
                 except zlib.error as exc:
-                    raise ApiError(400, f"the body is not valid {self.header(b'content-encoding')} data: {exc}") from None
+                    encoding = self.header(b"content-encoding")
+                    raise ApiError(400, f"the body is not valid {encoding} data: {exc}") from None
             size += len(chunk)
             if size > limit:
                 what = "inflated request body" if inflater is not None else "request body"
@@ -175,9 +178,8 @@ class Call:
                 raise ApiError(400, f"the body ended after {size} of its {len(whole)} declared bytes")
             self.body_done = True
             return whole  # type: ignore[return-value]  # bytes-like: what the decoders read
-        if inflater is not None:
-            if not inflater.eof:
-                raise ApiError(400, f"the {self.header(b'content-encoding')} body is truncated")
+        if inflater is not None and not inflater.eof:
+            raise ApiError(400, f"the {self.header(b'content-encoding')} body is truncated")
         self.body_done = True
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 

@@ -97,7 +97,7 @@ class Batcher:
             t0 = time.perf_counter()
             try:
                 results = self.engine.run(jobs)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self._count_failure(1, exc)
                 raise DeviceError(exc) from exc
             self._count_batch(1, elements, time.perf_counter() - t0)
@@ -159,7 +159,7 @@ class Batcher:
             t0 = time.perf_counter()
             try:
                 results = self.engine.run(jobs)
-            except Exception as exc:  # noqa: BLE001 - delivered to the batch's requests
+            except Exception as exc:
                 self._fail(items, exc)
             else:
                 self._deliver(items, results, total, time.perf_counter() - t0)
@@ -177,7 +177,7 @@ class Batcher:
 
         try:
             results = await anyio.to_thread.run_sync(run)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._fail(items, exc)
         else:
             if results is not None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import io
 import math
-import struct
 import re
+import struct
 import sys
 import zipfile
 from typing import Any

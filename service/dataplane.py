@@ -144,7 +144,8 @@ class DataPlane:
             results = await self.batcher.submit(jobs, alone=self.in_flight <= 1)
         except Overloaded as exc:
             raise ApiError(
-                503, f"overloaded: {exc}; retry shortly", code="overloaded", headers={"Retry-After": "1"}, reason="queue"
+                503, f"overloaded: {exc}; retry shortly", code="overloaded", headers={"Retry-After": "1"},
+                reason="queue",
             ) from None
         except DeviceError as exc:
             self.metrics.device_failures.inc()
@@ -252,7 +253,9 @@ def is_finite(a: np.ndarray) -> bool:
     return a.size == 0 or bool(_isfinite(a).all())
 
 
-def check_finite(job: core.Job, result: np.ndarray, *, text: bool, where: str, job_index: int | None, hint: str) -> None:
+def check_finite(
+    job: core.Job, result: np.ndarray, *, text: bool, where: str, job_index: int | None, hint: str
+) -> None:
     """Raise ``not_representable`` when ``result`` overflowed (non-finite where every input was
     finite), or, for a text answer (JSON cannot carry them), holds NaN or infinity at all."""
     if is_finite(result):

@@ -17,8 +17,17 @@ import surrogate_core as core
 from . import __version__
 from .asgi import Call, Response, json_response
 from .errors import ApiError
-from .schemas import COMPUTE_MODELS, V2_MODELS, ErrorResponse, Health, Info, Readiness, SurrogateInfo, SurrogateList
-from .schemas import V2RepositoryModel
+from .schemas import (
+    COMPUTE_MODELS,
+    V2_MODELS,
+    ErrorResponse,
+    Health,
+    Info,
+    Readiness,
+    SurrogateInfo,
+    SurrogateList,
+    V2RepositoryModel,
+)
 from .settings import Settings
 from .state import Runtime
 
@@ -56,7 +65,8 @@ _RETRY = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": 
 
 def build_openapi(endpoints: list[Any], settings: Settings) -> dict[str, Any]:
     models: list[Any] = [m for req, res, _ in COMPUTE_MODELS.values() for m in (req, res)]
-    models += [ErrorResponse, SurrogateList, SurrogateInfo, Info, Health, Readiness, V2RepositoryModel, *V2_MODELS.values()]
+    models += [ErrorResponse, SurrogateList, SurrogateInfo, Info, Health, Readiness, V2RepositoryModel]
+    models += V2_MODELS.values()
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
     schemas = dict(sorted(defs.get("$defs", {}).items()))
     schemas["V2RepositoryIndex"] = {"type": "array", "items": _ref("V2RepositoryModel"), "title": "V2RepositoryIndex"}
@@ -80,7 +90,8 @@ def build_openapi(endpoints: list[Any], settings: Settings) -> dict[str, Any]:
             if "model" in ep.doc:
                 responses["200"] = {"description": "OK", "content": _json(_ref(ep.doc["model"]))}
             elif "text" in ep.doc:
-                responses["200"] = {"description": ep.doc["text"], "content": {"text/plain": {"schema": {"type": "string"}}}}
+                text = {"text/plain": {"schema": {"type": "string"}}}
+                responses["200"] = {"description": ep.doc["text"], "content": text}
             for code in ("400", "404", "503"):
                 if code in ep.doc:
                     responses[code] = _error(ep.doc[code], ep.protocol)
@@ -161,7 +172,9 @@ def _v1_compute(op: dict[str, Any], endpoint: str) -> None:
             "application/x-npz": {"schema": {"type": "string", "format": "binary"},
                                   "example": "<numpy.savez(f, x=..., alpha=np.array([[0.5], [1], [2], [4]]))>"},
             "application/json": {
-                "schema": {"oneOf": [_ref(req.__name__), {"type": "array", "minItems": 1, "items": _ref(req.__name__)}]},
+                "schema": {
+                    "oneOf": [_ref(req.__name__), {"type": "array", "minItems": 1, "items": _ref(req.__name__)}]
+                },
                 "examples": {
                     "seed": {"summary": "The seed's example", "value": example_job},
                     "batch": {"summary": "A list of jobs", "value": [example_job, {"x": [[0.25, -1.5]]}]},
@@ -184,7 +197,9 @@ def _v1_compute(op: dict[str, Any], endpoint: str) -> None:
             "headers": {
                 "X-Surrogate-Dtype": {"description": "On .npy answers: the computation dtype (bfloat16 travels as "
                                       "float32).", "schema": {"type": "string"}},
-                "X-Surrogate-Name": {"description": "On .npy answers: the surrogate used.", "schema": {"type": "string"}},
+                "X-Surrogate-Name": {
+                    "description": "On .npy answers: the surrogate used.", "schema": {"type": "string"}
+                },
             },
         },
         "400": _error("Malformed body: not JSON, or empty.", "v1"),

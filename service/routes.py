@@ -68,7 +68,7 @@ class Router:
         segs = path.split("/")
         for template, methods in self.templates.get(len(segs), ()):
             params: dict[str, str] = {}
-            for t, s in zip(template, segs):
+            for t, s in zip(template, segs, strict=True):
                 if t.startswith("{"):
                     if not s:
                         break

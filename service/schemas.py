@@ -9,7 +9,7 @@ models here document them and serialise the small metadata responses.
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from typing_extensions import TypeAliasType
@@ -36,7 +36,7 @@ __all__ = [
     "V2_MODELS",
 ]
 
-NumArray = TypeAliasType("NumArray", Union[float, list["NumArray"]])  # type: ignore[misc]
+NumArray = TypeAliasType("NumArray", float | list["NumArray"])  # type: ignore[misc]
 
 DTypeName = Literal["float32", "float64", "float16", "bfloat16"]
 assert set(DTypeName.__args__) == set(core.DTYPES)  # type: ignore[attr-defined]
@@ -44,7 +44,7 @@ assert set(DTypeName.__args__) == set(core.DTYPES)  # type: ignore[attr-defined]
 #: The registered surrogate names (an enum in the contract, built from the registry).
 SurrogateName = enum.Enum("SurrogateName", {n: n for n in core.names()}, type=str)  # type: ignore[misc]
 
-SEED_X = [-2.0, -0.5, 0.0, 0.5, 2.0]
+SEED_X: list[Any] = [-2.0, -0.5, 0.0, 0.5, 2.0]
 
 
 def _param_fields() -> dict[str, Any]:
@@ -124,8 +124,8 @@ FunJob = _job_model(
 )
 
 
-def _result_model(name: str, key: str, doc: str, example: list[float]) -> type[BaseModel]:
-    return create_model(
+def _result_model(name: str, key: str, doc: str, example: list[Any]) -> type[BaseModel]:
+    return create_model(  # type: ignore[call-overload]
         name,
         __doc__=doc,
         __config__=ConfigDict(
@@ -238,7 +238,9 @@ V2Datatype = Literal["FP16", "FP32", "FP64", "BF16"]
 class V2Error(BaseModel):
     """Every /v2 error (OIP shape)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"error": "input 'alpha': must be finite and > 0, got -1.0"}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"error": "input 'alpha': must be finite and > 0, got -1.0"}]}
+    )
     error: str = Field(description="What is wrong, naming the input, output or parameter.")
 
 
@@ -282,7 +284,7 @@ class V2RepositoryModel(BaseModel):
     reason: str
 
 
-V2RepositoryIndex = TypeAliasType("V2RepositoryIndex", list[V2RepositoryModel])  # type: ignore[misc]
+V2RepositoryIndex = TypeAliasType("V2RepositoryIndex", list[V2RepositoryModel])
 
 
 class V2RepositoryIndexRequest(BaseModel):

@@ -62,17 +62,18 @@ def compute(endpoint: str):
 
     def encode(jobs: list[core.Job], results: list[Any], single: bool) -> Response:
         hint = f"ask for 'Accept: {NPY}'"
-        for i, (job, res) in enumerate(zip(jobs, results)):
+        for i, (job, res) in enumerate(zip(jobs, results, strict=True)):
             check_finite(job, res, text=True, where=f"job {i}", job_index=i, hint=hint)
         if not any(_large(r) for r in results):
-            out = [result_dict(endpoint, job.surrogate, job.dtype, res) for job, res in zip(jobs, results)]
+            out = [result_dict(endpoint, job.surrogate, job.dtype, res) for job, res in zip(jobs, results, strict=True)]
             return json_response(encode_json(out[0] if single else out))
         pieces: list[bytes] = [] if single else [b"["]
-        for i, (job, res) in enumerate(zip(jobs, results)):
+        for i, (job, res) in enumerate(zip(jobs, results, strict=True)):
             if i:
                 pieces.append(b",")
             a = res if res.dtype.kind == "f" and res.itemsize >= 4 else res.astype(np.float32)
-            pieces += result_pieces({"surrogate": job.surrogate, "dtype": job.dtype, "shape": list(res.shape)}, endpoint, a)
+            fields = {"surrogate": job.surrogate, "dtype": job.dtype, "shape": list(res.shape)}
+            pieces += result_pieces(fields, endpoint, a)
         if not single:
             pieces.append(b"]")
         return Response(200, b"application/json", pieces)

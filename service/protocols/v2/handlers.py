@@ -54,7 +54,9 @@ _NAMES = {v: k for k, v in DATATYPES.items()}
 #: output name -> core op
 OUTPUTS = {"spike": "spike", "grad": "grad", "fun": "fun", "vjp": "vjp"}
 #: request parameters the Triton clients may send that do not concern the computation
-_IGNORED_PARAMS = frozenset({"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"})
+_IGNORED_PARAMS = frozenset(
+    {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"}
+)
 _REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
 _STATUS = {422: 400, 406: 400}  # /v1's "valid JSON, invalid job" is OIP's plain bad request
 
@@ -170,7 +172,9 @@ def _shape(t: dict[str, Any], name: str, max_rank: int, max_elements: int) -> tu
     return tuple(shape)
 
 
-def _decode_input(t: Any, i: int, rest: memoryview, offset: int, careful: bool, s: Any) -> tuple[str, np.ndarray, str, int]:
+def _decode_input(
+    t: Any, i: int, rest: memoryview, offset: int, careful: bool, s: Any
+) -> tuple[str, np.ndarray, str, int]:
     """One input tensor: (name, array, its datatype as a core dtype name, offset past its binary data)."""
     if not isinstance(t, dict):
         raise _bad(f"inputs[{i}] must be an object with name, shape, datatype and data")
@@ -180,7 +184,8 @@ def _decode_input(t: Any, i: int, rest: memoryview, offset: int, careful: bool, 
     datatype = t.get("datatype")
     if datatype not in DATATYPES:
         raise _bad(
-            f"input {name!r}: datatype {datatype!r} is not supported; send FP16, FP32, FP64 or BF16 (BF16 as binary data)",
+            f"input {name!r}: datatype {datatype!r} is not supported; send FP16, FP32, FP64 or BF16 "
+            "(BF16 as binary data)",
             name,
         )
     dtype = DATATYPES[datatype]
@@ -239,7 +244,8 @@ async def infer(call: Call, rt: Runtime) -> Response:
                             where=lambda i: f"output {outputs[i][0]!r}", job_index=False)
     results = await rt.dataplane.infer(jobs, "infer")
     if sum(j.size for j in jobs) > s.offload_elements:  # large answers are written off the event loop
-        return await anyio.to_thread.run_sync(_encode, call.header(b"accept-encoding"), req, sur, outputs, jobs, results)
+        encoding = call.header(b"accept-encoding")
+        return await anyio.to_thread.run_sync(_encode, encoding, req, sur, outputs, jobs, results)
     return _encode(call.header(b"accept-encoding"), req, sur, outputs, jobs, results)
 
 
@@ -285,7 +291,8 @@ def _decode(sur: core.Surrogate, body: bytes, header_length: str | None, s: Any
         if name not in allowed:
             close = difflib.get_close_matches(name, sorted(allowed), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _bad(f"unknown input {name!r} for model {sur.name!r} (inputs: {', '.join(['x', *sur.param_names, 'cotangent'])}){hint}", name)
+            names = ", ".join(["x", *sur.param_names, "cotangent"])
+            raise _bad(f"unknown input {name!r} for model {sur.name!r} (inputs: {names}){hint}", name)
         arrays[name] = a
     if offset != len(rest):
         raise _bad(f"{len(rest) - offset} bytes of binary data follow the last binary input")
@@ -302,7 +309,8 @@ def _decode(sur: core.Surrogate, body: bytes, header_length: str | None, s: Any
         if key not in sur.param_names:
             close = difflib.get_close_matches(key, list(sur.param_names), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _bad(f"unknown parameter {key!r} for model {sur.name!r} (parameters: {', '.join(sur.param_names) or 'none'}){hint}", key)
+            names = ", ".join(sur.param_names) or "none"
+            raise _bad(f"unknown parameter {key!r} for model {sur.name!r} (parameters: {names}){hint}", key)
         if key in arrays:
             raise _bad(f"parameter {key!r} is given both as an input and in 'parameters'", key)
         if type(v) not in (int, float):
@@ -350,7 +358,9 @@ def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_al
         if name == "vjp" and not has_cotangent:
             raise _bad("output 'vjp' needs an input 'cotangent'", "cotangent")
         if name == "fun" and sur.fun is None:
-            raise _bad(f"model {sur.name!r} is gradient-only: braintools defines no smooth function (no output 'fun')", name)
+            raise _bad(
+                f"model {sur.name!r} is gradient-only: braintools defines no smooth function (no output 'fun')", name
+            )
         p = o.get("parameters") or {}
         if not isinstance(p, dict):
             raise _bad(f"output {name!r}: 'parameters' must be an object", name)
@@ -365,7 +375,7 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
             jobs: list[core.Job], results: list[np.ndarray]) -> Response:
     descr: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
-    for (name, binary), job, res in zip(outputs, jobs, results):
+    for (name, binary), job, res in zip(outputs, jobs, results, strict=True):
         check_finite(job, res, text=not binary, where=f"output {name!r}", job_index=None,
                      hint="ask for binary data (parameters.binary_data)")
         datatype = _NAMES[job.dtype]
@@ -376,7 +386,9 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
             chunks.append(data.reshape(-1).view(np.uint8).data)
         else:
             if job.dtype == "bfloat16":
-                raise _bad(f"output {name!r}: BF16 tensors travel only as binary data; set parameters.binary_data", name)
+                raise _bad(
+                    f"output {name!r}: BF16 tensors travel only as binary data; set parameters.binary_data", name
+                )
             flat = res.reshape(-1)
             out["data"] = flat if flat.dtype != np.float16 else flat.astype(np.float32)
         descr.append(out)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -60,8 +60,8 @@ def _retry_after(response: httpx.Response) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class _Base:
@@ -222,7 +222,7 @@ class SurrogateClient(_Base):
                 )
             except RETRY_EXCEPTIONS as exc:
                 if attempt >= self.retries:
-                    raise _wrap_transport_error(exc, self.base_url + spec.path) from exc
+                    raise _wrap_transport_error(exc, self.base_url + spec.path) from exc  # type: ignore[arg-type]
                 self._sleep(self._delay(attempt, None))
             except httpx.TransportError as exc:
                 raise _wrap_transport_error(exc, self.base_url + spec.path) from exc
@@ -371,7 +371,7 @@ class AsyncSurrogateClient(_Base):
                 )
             except RETRY_EXCEPTIONS as exc:
                 if attempt >= self.retries:
-                    raise _wrap_transport_error(exc, self.base_url + spec.path) from exc
+                    raise _wrap_transport_error(exc, self.base_url + spec.path) from exc  # type: ignore[arg-type]
                 await self._sleep(self._delay(attempt, None))
             except httpx.TransportError as exc:
                 raise _wrap_transport_error(exc, self.base_url + spec.path) from exc

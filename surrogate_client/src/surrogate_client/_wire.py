@@ -216,7 +216,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: _wire_array(v) for k, v in arrays.items()})
+    np.savez(buf, **{k: _wire_array(v) for k, v in arrays.items()})  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -423,4 +423,4 @@ def decode_batch(op: str, content: bytes, dtypes: list[str]) -> list[np.ndarray]
         raise DecodingError(f"the answer is not valid JSON: {exc}") from None
     if not isinstance(docs, list) or len(docs) != len(dtypes):
         raise DecodingError(f"expected a list of {len(dtypes)} results, got {str(docs)[:200]}")
-    return [_result_from_doc(d, op, dt) for d, dt in zip(docs, dtypes)]
+    return [_result_from_doc(d, op, dt) for d, dt in zip(docs, dtypes, strict=True)]
