@@ -22,24 +22,31 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind (`make serve` and `python -m service`).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
     root_path: str | None = Field(
-        None, description="The path prefix a proxy strips before forwarding (e.g. `/api`); named in the contract's `servers`."
+        None,
+        description="The path prefix a proxy strips before forwarding (e.g. `/api`); named in the contract's `servers`."
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service and the core."
     )
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (each has its own JAX runtime).")
     max_body_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413 before being read whole."
+        64 * 1024 * 1024, ge=1024,
+        description="Largest request body accepted; larger ones get 413 before being read whole."
     )
     max_elements: int = Field(
-        1 << 24, ge=1, description="Largest total number of elements (after broadcasting) in one request, all jobs together."
+        1 << 24, ge=1,
+        description="Largest total number of elements (after broadcasting) in one request, all jobs together."
     )
     max_rank: int = Field(8, ge=0, le=32, description="Largest rank (number of dimensions) of any array.")
     max_jobs: int = Field(1024, ge=1, description="Largest number of jobs in one list request.")
     min_bucket: int = Field(
-        1024, ge=1, description="Smallest padded size (a power of two); larger sizes are padded to the next power of two or 1.5 times one."
+        1024, ge=1,
+        description="Smallest padded size (a power of two); larger sizes are padded to the next power of two or 1.5 "
+        "times one."
     )
-    warmup: bool = Field(True, description="Compile the default surrogate and dtype at start; /readyz is 503 until done.")
+    warmup: bool = Field(
+        True, description="Compile the default surrogate and dtype at start; /readyz is 503 until done."
+    )
     warmup_max_elements: int = Field(
         1 << 17, ge=1, description="Warm-up compiles every bucket up to this many elements."
     )
@@ -56,13 +63,16 @@ class Settings(BaseSettings):
         256, ge=1, description="Requests waiting for the device; past it, 503 with Retry-After at once."
     )
     request_timeout: float = Field(
-        30.0, gt=0, description="Seconds a compute request may take, body upload included (408 while uploading, else 503)."
+        30.0, gt=0,
+        description="Seconds a compute request may take, body upload included (408 while uploading, else 503)."
     )
     batch_max_delay: float = Field(
-        0.0002, ge=0, le=0.1, description="Seconds a busy batcher waits to gather concurrent requests into one device call (0 when idle)."
+        0.0002, ge=0, le=0.1,
+        description="Seconds a busy batcher waits to gather concurrent requests into one device call (0 when idle)."
     )
     batch_max_elements: int = Field(
-        1 << 20, ge=1, description="Largest batch of gathered requests (elements); larger requests are batches of their own."
+        1 << 20, ge=1,
+        description="Largest batch of gathered requests (elements); larger requests are batches of their own."
     )
     api_token: SecretStr | None = Field(
         None, description="If set, compute, metadata and /metrics need `Authorization: Bearer <token>`."
@@ -71,9 +81,12 @@ class Settings(BaseSettings):
         None, description="A file of accepted tokens, one per line (blank lines and # comments ignored)."
     )
     opentelemetry: bool = Field(
-        False, description="Emit OpenTelemetry traces and metrics (FastAPI's native telemetry) when a provider is configured."
+        False,
+        description="Emit OpenTelemetry traces and metrics (FastAPI's native telemetry) when a provider is configured."
     )
-    access_log: bool = Field(False, description="Log every request (uvicorn's access log); /metrics counts them anyway.")
+    access_log: bool = Field(
+        False, description="Log every request (uvicorn's access log); /metrics counts them anyway."
+    )
     max_header_bytes: int = Field(
         65536,
         ge=1024,
