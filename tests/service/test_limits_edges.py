@@ -373,6 +373,7 @@ REFUSALS = {
     "503 concurrency": ({"max_concurrent": 1, "offload_elements": 0}, "concurrency"),
     "503 queue": ({"max_queue": 1, "offload_elements": 0}, "queue"),
     "499 client gone": ({}, "client_disconnect"),
+    "memory budget": ({"memory_budget": 1 << 20, "max_body_bytes": 8 << 20, "max_elements": 1 << 20}, "memory"),
 }
 LIMITS = {"max_body_bytes": 16384, "max_elements": 500, "max_jobs": 4, "max_rank": 4}
 
@@ -422,6 +423,10 @@ async def test_each_refusal_is_counted_once_under_its_reason(name, monkeypatch):
             assert {r.json()["error"]["code"] for r in rs if r.status_code == 503} == {"overloaded"}
         elif name == "499 client gone":
             await _disconnect(a)
+        elif name == "memory budget":  # a request larger than the whole budget
+            r = await a.post(npy(np.zeros(300_000, np.float32)), NPY)
+            assert err(r)[:2] == (413, "body_too_large")
+            assert "memory budget" in r.json()["error"]["message"]
         after = await a.rejections()
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
         assert {k: v for k, v in delta.items() if v} == {reason: 1.0}
