@@ -99,7 +99,7 @@ def _no_duplicate_keys(body: bytes, jobs: list[dict[str, Any]]) -> None:
         raise ApiError(422, f"job {job}, field {field!r}: {what}", code="duplicate_key", job=job, field=field)
 
 
-class _Duplicate(dict):  # type: ignore[type-arg]
+class _Duplicate(dict[str, Any]):
     """An object of the re-parse that had a repeated key (``key``)."""
 
     key = ""

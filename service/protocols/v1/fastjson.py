@@ -18,7 +18,7 @@ import numpy as np
 try:
     import simdjson
 except ImportError:  # pragma: no cover - the dependency is in the lock; this keeps the service up without it
-    simdjson = None
+    simdjson = None  # type: ignore[assignment]
 
 __all__ = ["MIN_BYTES", "decode"]
 
@@ -46,6 +46,7 @@ def decode(body: bytes, *, max_rank: int) -> tuple[list[dict[str, Any]], bool] |
 
 
 def _jobs(doc: Any, body: bytes, max_rank: int) -> tuple[list[dict[str, Any]], bool] | None:
+    objects: list[Any]
     if isinstance(doc, simdjson.Object):
         objects, single, brackets = [doc], True, 0
     elif isinstance(doc, simdjson.Array):
@@ -97,7 +98,7 @@ def _array(a: Any, max_rank: int) -> tuple[np.ndarray, int] | None:
     level = [a]
     arrays = 1
     for n in shape[:-1]:  # every array at every level but the last has the same length
-        nxt = []
+        nxt: list[Any] = []
         for arr in level:
             if not isinstance(arr, simdjson.Array) or len(arr) != n:
                 return None
