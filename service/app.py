@@ -192,7 +192,7 @@ class Service:
     async def _refuse(self, call: Call, protocol: str, err: ApiError) -> None:
         if err.code == "timeout" and not call.body_done:  # still uploading: a slow client, not a slow server
             err = ApiError(408, f"the request body did not arrive within {self.settings.request_timeout} s",
-                           code="request_timeout", headers={"Connection": "close"}, reason="timeout")
+                           code="request_timeout", headers={"Connection": "close"}, reason="request_timeout")
         if err.reason:
             self.runtime.metrics.reject(err.reason)
         if call.status:  # the answer has started (a timeout while sending): nothing more can be said

@@ -55,6 +55,7 @@ REJECTIONS = ("surrogate_rejections", "Requests refused by a limit, by reason.",
 DEVICE_FAILURES = ("surrogate_device_failures", "Engine calls that failed.")
 COMPILATIONS = ("surrogate_compilations", "XLA compilations (bounded by the size buckets).")
 COMPILE_SECONDS = ("surrogate_compile_seconds", "Seconds spent compiling.")
+EVICTIONS = ("surrogate_compile_evictions", "Compiled variants dropped from the full cache (least recently used).")
 DEVICE_CALLS = ("surrogate_device_calls", "Compiled calls to the device.")
 JOBS = ("surrogate_jobs", "Jobs evaluated.")
 PADDED = ("surrogate_padded_elements", "Elements computed including bucket padding.")
@@ -68,6 +69,7 @@ DEVICE_INFO = ("surrogate_device_info", "The device the core computes on.", ("pl
 _ENGINE_COUNTERS = (
     (COMPILATIONS, "compilations"),
     (COMPILE_SECONDS, "compile_seconds"),
+    (EVICTIONS, "evictions"),
     (DEVICE_CALLS, "device_calls"),
     (JOBS, "jobs"),
     (PADDED, "padded_elements"),

@@ -2,9 +2,10 @@
 within its budget, its probes answered, and every answer either correct or a clear refusal.
 
 Memory is read from ``/proc/<pid>/status``: the peak (``VmHWM``) against the resident size once warm.
-Probe latency is the worst ``/healthz`` round trip seen by a poller running through each attack; its
-bound is generous (well under the 3 s a Kubernetes readiness probe allows), since these machines are
-shared: it catches a blocked event loop (seconds), not a slow one.
+Probe latency is the worst ``/healthz`` round trip seen by a poller running through each attack. Where
+an attack used to block the event loop (for 5 to 21 s), the bound is 2 s, under the 3 s a Kubernetes
+readiness probe allows: it catches a blocked loop, not a slow machine. Under a plain burst of large
+uploads the loop is busy, not blocked: there every probe must be answered, and the worst is printed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from liveserver import npy, running_server
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MiB = 1 << 20
 BUDGET = 2 << 30
-PROBE_BOUND = 1.0  # seconds
+PROBE_BOUND = 2.0  # seconds
 
 
 def reset_peak(pid: int) -> None:
@@ -136,7 +137,7 @@ def test_a_burst_of_large_requests_stays_within_the_budget(server):
     print(f"burst: {statuses.count(200)} x 200, {statuses.count(503)} x 503; peak +{peak / MiB:.0f} MiB; "
           f"worst /healthz {probe['worst'] * 1e3:.0f} ms")
     assert peak <= 1.1 * BUDGET
-    assert probe["failed"] == 0 and probe["worst"] < 3.0  # a readiness probe's timeout: 48 uploads share the loop
+    assert probe["failed"] == 0 and probe["n"] > 0
     assert info(port)["memory"]["in_use"] == 0
 
 
@@ -249,7 +250,7 @@ def test_what_used_to_block_the_event_loop(server):
         status, _, data = post(port, "/v1/grad", json.dumps(jobs).encode(), "application/json")
     assert status == 200 and len(json.loads(data)) == 144
     print(f"144 cold variants: worst /healthz {probe['worst'] * 1e3:.0f} ms")
-    assert probe["worst"] < 2 * PROBE_BOUND
+    assert probe["worst"] < PROBE_BOUND
     rows = b'{"x": [' + b",".join([b"[0]"] * 16_000_000) + b"]}"
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

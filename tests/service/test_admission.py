@@ -147,6 +147,8 @@ async def test_the_compile_cache_is_capped_and_evictions_are_counted():
                 assert r.status_code == 200, r.text
         st = a.rt.engine.stats
         assert sum(st.variants.values()) <= 4 and st.evictions >= 4
+        text = (await a.client.get("/metrics")).text
+        assert f"surrogate_compile_evictions_total {float(st.evictions)}" in text
         info = (await a.client.get("/v1/info")).json()
         assert sum(info["variants"].values()) <= 4 and info["limits"]["max_variants"] == 4
         # an evicted variant compiles again and answers correctly

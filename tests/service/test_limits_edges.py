@@ -368,7 +368,7 @@ REFUSALS = {
     "too_large rank npy": ({}, "too_large"),
     "too_large jobs": ({}, "too_large"),
     "too_large npz members": ({}, "too_large"),
-    "408 upload": ({"request_timeout": 0.3}, "timeout"),
+    "408 upload": ({"request_timeout": 0.3}, "request_timeout"),
     "503 timeout": ({"request_timeout": 0.2, "offload_elements": 0}, "timeout"),
     "503 concurrency": ({"max_concurrent": 1, "offload_elements": 0}, "concurrency"),
     "503 queue": ({"max_queue": 1, "offload_elements": 0}, "queue"),
