@@ -312,3 +312,20 @@ async def test_metrics_label_the_protocol(client):
 def test_binary_helper_round_trips():  # the test's own decoder, against struct
     t, raw = tensor("x", [1.0, -2.0], "FP32", binary=True)
     assert struct.unpack("<2f", raw) == (1.0, -2.0) and t["parameters"]["binary_data_size"] == 8
+
+
+@pytest.mark.parametrize("n", [16, 50_000])  # below and above the size where simdjson reads the body
+async def test_small_and_large_json_requests_read_the_same(client, n):
+    x = np.linspace(-2, 2, n)
+    big = 2**54 + 2**30 + 1  # read as the nearest float64, then cast, on both paths
+    data = [big] + x[1:].tolist()
+    r = await infer(client, [({"name": "x", "shape": [n], "datatype": "FP64", "data": data}, b"")],
+                    outputs=[{"name": "grad", "parameters": {"binary_data": True}}])
+    got = outputs(r)["grad"]
+    np.testing.assert_array_equal(got, sc.grad(np.array([float(big), *x[1:]]), dtype="float64"))
+    ragged = [[0.5] * (n // 2), [0.5] * (n - n // 2 - 1) + [[0.5]]]
+    r = await infer(client, [({"name": "x", "shape": [n], "datatype": "FP32", "data": ragged}, b"")])
+    assert r.status_code == 400 and "ragged" in r.json()["error"]
+    bad = [0.5] * (n - 1) + [True]
+    r = await infer(client, [({"name": "x", "shape": [n], "datatype": "FP32", "data": bad}, b"")])
+    assert r.status_code == 400 and f"x[{n - 1}]" in r.json()["error"] and "boolean" in r.json()["error"]

@@ -29,7 +29,9 @@ from ...asgi import Call, Response, json_response
 from ...dataplane import check_finite, json_parse_bytes
 from ...errors import ApiError
 from ...state import Runtime
+from ..v1 import fastjson
 from ..v1.codecs import has_literals, json_array
+from ..v1.fastjson import simdjson
 from ..v1.handlers import OFFLOAD_BYTES
 
 __all__ = [
@@ -262,10 +264,12 @@ def _decode(sur: core.Surrogate, body: bytes, header_length: str | None, s: Any
     head, rest = _split(header_length, body)
     if not head.strip():
         raise _bad("empty request body; send an inference request object")
-    try:
-        req = orjson.loads(head)
-    except orjson.JSONDecodeError as exc:
-        raise _bad(f"invalid JSON in the inference request: {exc}") from None
+    req = _fast_request(head)
+    if req is None:
+        try:
+            req = orjson.loads(head)
+        except orjson.JSONDecodeError as exc:
+            raise _bad(f"invalid JSON in the inference request: {exc}") from None
     if not isinstance(req, dict):
         raise _bad("the inference request must be a JSON object")
     unknown = [k for k in req if k not in _REQUEST_FIELDS]
@@ -334,6 +338,47 @@ def _decode(sur: core.Surrogate, body: bytes, header_length: str | None, s: Any
             raise ApiError(400, where + exc.message, field=exc.field, code=exc.code) from None
         jobs.append(job)
     return req, outputs, jobs
+
+
+def _fast_request(head: bytes) -> dict[str, Any] | None:
+    """A large JSON request with its tensors' flat ``data`` decoded by simdjson straight into float64
+    arrays (the shape comes from ``shape``); None for a small request, nested data, or anything
+    unusual (then the general reader decodes it, checks it and words the errors)."""
+    if simdjson is None or len(head) < fastjson.MIN_BYTES:
+        return None
+    try:
+        doc = simdjson.Parser().parse(bytes(head))
+        if not isinstance(doc, simdjson.Object):
+            return None
+        req: dict[str, Any] = {}
+        for key in doc.keys():
+            value = doc[key]
+            if key != "inputs" or not isinstance(value, simdjson.Array):
+                req[key] = value.as_dict() if isinstance(value, simdjson.Object) else (
+                    value.as_list() if isinstance(value, simdjson.Array) else value)
+                continue
+            inputs = []
+            for t in value:
+                if not isinstance(t, simdjson.Object):
+                    return None
+                tensor: dict[str, Any] = {}
+                for k in t.keys():
+                    v = t[k]
+                    if k == "data" and isinstance(v, simdjson.Array):
+                        if len(v) and isinstance(v[0], simdjson.Array):
+                            return None  # nested: the general reader checks it is rectangular
+                        tensor[k] = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)
+                    elif isinstance(v, simdjson.Object):
+                        tensor[k] = v.as_dict()
+                    elif isinstance(v, simdjson.Array):
+                        tensor[k] = v.as_list()
+                    else:
+                        tensor[k] = v
+                inputs.append(tensor)
+            req[key] = inputs
+        return req
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError):
+        return None
 
 
 def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_all: bool) -> list[tuple[str, bool]]:
