@@ -351,7 +351,7 @@ def _fast_request(head: bytes) -> dict[str, Any] | None:
         if not isinstance(doc, simdjson.Object):
             return None
         req: dict[str, Any] = {}
-        for key in doc.keys():
+        for key in doc.keys():  # noqa: SIM118 (a simdjson Object)
             value = doc[key]
             if key != "inputs" or not isinstance(value, simdjson.Array):
                 req[key] = value.as_dict() if isinstance(value, simdjson.Object) else (
@@ -362,7 +362,7 @@ def _fast_request(head: bytes) -> dict[str, Any] | None:
                 if not isinstance(t, simdjson.Object):
                     return None
                 tensor: dict[str, Any] = {}
-                for k in t.keys():
+                for k in t.keys():  # noqa: SIM118
                     v = t[k]
                     if k == "data" and isinstance(v, simdjson.Array):
                         if len(v) and isinstance(v[0], simdjson.Array):
