@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 
 from .errors import ApiError
 
-__all__ = ["Call", "ClientGone", "Response", "json_response"]
+__all__ = ["Call", "ClientGone", "Response", "json_response", "qualities"]
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -74,6 +74,25 @@ async def _send_piece(send: Send, piece: bytes | memoryview, more: bool, timeout
             await send(message)
     except TimeoutError:
         raise SendTimeout() from None
+
+
+def qualities(header: str | None) -> dict[str, float]:
+    """An ``Accept``-style header as ``{token: q}`` (tokens lower-cased; the best q of a repeated
+    token; an unreadable q counts as 0)."""
+    out: dict[str, float] = {}
+    for part in (header or "").split(","):
+        fields = [f.strip() for f in part.split(";")]
+        token, q = fields[0].lower(), 1.0
+        if not token:
+            continue
+        for f in fields[1:]:
+            if f.lower().startswith("q="):
+                try:
+                    q = float(f[2:])
+                except ValueError:
+                    q = 0.0
+        out[token] = max(out.get(token, -1.0), q)
+    return out
 
 
 def json_response(body: bytes, status: int = 200, headers: Iterable[tuple[bytes, bytes]] = ()) -> Response:

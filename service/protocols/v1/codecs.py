@@ -20,6 +20,7 @@ import orjson
 import surrogate_core as core
 from surrogate_core._jobs import unknown_param_message
 
+from ...asgi import qualities
 from ...errors import ApiError
 
 __all__ = [
@@ -473,21 +474,10 @@ def accepts_npy(accept: str | None) -> bool:
     """Whether the Accept header prefers ``application/x-npy`` to JSON (q-values honoured)."""
     if not accept:
         return False
-    best = {"npy": -1.0, "json": -1.0}
-    for part in accept.split(","):
-        fields = [f.strip() for f in part.split(";")]
-        mt, q = fields[0].lower(), 1.0
-        for f in fields[1:]:
-            if f.lower().startswith("q="):
-                try:
-                    q = float(f[2:])
-                except ValueError:
-                    q = 0.0
-        json_types = ("application/json", "application/*", "*/*")
-        kind = "npy" if mt == "application/x-npy" else "json" if mt in json_types else None
-        if kind:
-            best[kind] = max(best[kind], q)
-    return best["npy"] > 0 and best["npy"] > best["json"]
+    q = qualities(accept)
+    npy = q.get("application/x-npy", -1.0)
+    json = max(q.get(t, -1.0) for t in ("application/json", "application/*", "*/*"))
+    return npy > 0 and npy > json
 
 
 def _unknown(key: str, sur: core.Surrogate, endpoint: str) -> str:

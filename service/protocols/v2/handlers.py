@@ -25,7 +25,7 @@ import orjson
 import surrogate_core as core
 
 from ... import __version__
-from ...asgi import Call, Response, json_response
+from ...asgi import Call, Response, json_response, qualities
 from ...dataplane import check_finite, json_parse_bytes
 from ...errors import ApiError
 from ...state import Runtime
@@ -135,12 +135,7 @@ async def model_ready(call: Call, rt: Runtime) -> Response:
 async def repository_index(call: Call, rt: Runtime) -> Response:
     body = await call.body(64 * 1024)
     if body.strip():
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise _bad(f"invalid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise _bad("the body must be a JSON object, e.g. {\"ready\": true}")
+        _json_object(body, "the body", 'e.g. {"ready": true}')
     state = "READY" if rt.ready.is_set() else "UNAVAILABLE"
     index = [{"name": s.name, "version": VERSION, "state": state, "reason": ""} for s in core.all_surrogates()]
     return json_response(orjson.dumps(index))
@@ -266,12 +261,7 @@ def _decode(sur: core.Surrogate, body: bytes, header_length: str | None, s: Any
         raise _bad("empty request body; send an inference request object")
     req = _fast_request(head)
     if req is None:
-        try:
-            req = orjson.loads(head)
-        except orjson.JSONDecodeError as exc:
-            raise _bad(f"invalid JSON in the inference request: {exc}") from None
-    if not isinstance(req, dict):
-        raise _bad("the inference request must be a JSON object")
+        req = _json_object(head, "the inference request", "with inputs")
     unknown = [k for k in req if k not in _REQUEST_FIELDS]
     if unknown:
         raise _bad(f"unknown field {unknown[0]!r} in the inference request (fields: id, parameters, inputs, outputs)")
@@ -338,6 +328,16 @@ def _decode(sur: core.Surrogate, body: bytes, header_length: str | None, s: Any
             raise ApiError(400, where + exc.message, field=exc.field, code=exc.code) from None
         jobs.append(job)
     return req, outputs, jobs
+
+
+def _json_object(raw: bytes, what: str, hint: str) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"invalid JSON in {what}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _bad(f"{what} must be a JSON object, {hint}")
+    return doc
 
 
 def _fast_request(head: bytes) -> dict[str, Any] | None:
@@ -459,21 +459,8 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
 
 def _accepted_encoding(accept: str | None) -> str | None:
     """gzip or deflate when the client accepts it (q > 0), preferring gzip; else None."""
-    if not accept:
+    q = qualities(accept)
+    gzip, deflate = q.get("gzip", 0.0), q.get("deflate", 0.0)
+    if gzip <= 0 and deflate <= 0:
         return None
-    best: tuple[float, str] | None = None
-    for part in accept.split(","):
-        fields = [f.strip() for f in part.split(";")]
-        coding = fields[0].lower()
-        if coding not in ("gzip", "deflate"):
-            continue
-        q = 1.0
-        for f in fields[1:]:
-            if f.lower().startswith("q="):
-                try:
-                    q = float(f[2:])
-                except ValueError:
-                    q = 0.0
-        if q > 0 and (best is None or q > best[0] or (q == best[0] and coding == "gzip")):
-            best = (q, coding)
-    return None if best is None else best[1]
+    return "gzip" if gzip >= deflate else "deflate"

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._adapter import ServedSpikeBase
 from ._client import SurrogateClient
 from ._exceptions import SurrogateError
 
@@ -77,29 +78,17 @@ def service_errors() -> Iterator[None]:
         raise recorded[1] from exc
 
 
-def _validated(client: SurrogateClient, surrogate: str, params: Mapping[str, Any]) -> None:
-    """Let the service check the surrogate and its parameters: :class:`~surrogate_client.NotFound`
-    for an unknown surrogate, :class:`~surrogate_client.ValidationError` for an unknown parameter
-    or a value outside its constraint (the service's own checks and messages)."""
-    client.surrogate(surrogate)
-    client.grad(0.0, surrogate=surrogate, dtype="float64", **params)
-
-
 def _param(name: str, value: Any) -> Any:
     if isinstance(value, jax.core.Tracer):
         raise TypeError(f"{name}: parameters are fixed when the function is made; got a traced value")
     return np.asarray(value) if isinstance(value, jax.Array) else value
 
 
-class SpikeFunction:
+class SpikeFunction(ServedSpikeBase):
     """``H(x)`` forward, ``cotangent * g'(x)`` from the service backward; see :func:`spike_function`."""
 
     def __init__(self, client: SurrogateClient, surrogate: str, params: Mapping[str, Any]) -> None:
-        self.client = client
-        self.surrogate = surrogate
-        self.params = {name: _param(name, value) for name, value in params.items()}
-        _validated(client, surrogate, self.params)
-        self._param_shapes = [np.shape(v) for v in self.params.values()]
+        super().__init__(client, surrogate, {name: _param(name, value) for name, value in params.items()})
 
         @jax.custom_vjp
         def spike(x: jax.Array) -> jax.Array:
@@ -111,26 +100,11 @@ class SpikeFunction:
         spike.defvjp(fwd, self._bwd)
         self._spike = spike
 
-    def __repr__(self) -> str:
-        args = "".join(
-            f", {k}={v!r}" if np.ndim(v) == 0 else f", {k}=<array {np.shape(v)}>" for k, v in self.params.items()
-        )
-        return f"spike_function({self.client.base_url!r}, {self.surrogate!r}{args})"
-
     def __call__(self, x: Any) -> jax.Array:
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"expected a floating-point array, got dtype {x.dtype}")
-        shape = tuple(x.shape)
-        try:
-            broadcast = np.broadcast_shapes(shape, *self._param_shapes)
-        except ValueError:
-            broadcast = None
-        if broadcast != shape:
-            raise ValueError(
-                f"the parameters (shapes {self._param_shapes}) must broadcast against x (shape {shape}) "
-                "without enlarging it"
-            )
+        self._check_shape(tuple(x.shape))
         return self._spike(x)
 
     def vjp(self, x: Any, cotangent: Any) -> np.ndarray:

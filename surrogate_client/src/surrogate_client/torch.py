@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._adapter import ServedSpikeBase
 from ._client import SurrogateClient
 
 __all__ = ["SpikeFunction", "spike_function"]
@@ -46,14 +47,6 @@ def _param(value: Any) -> Any:
     return _host(value) if isinstance(value, torch.Tensor) else value
 
 
-def _validated(client: SurrogateClient, surrogate: str, params: Mapping[str, Any]) -> None:
-    """Let the service check the surrogate and its parameters: :class:`~surrogate_client.NotFound`
-    for an unknown surrogate, :class:`~surrogate_client.ValidationError` for an unknown parameter
-    or a value outside its constraint (the service's own checks and messages)."""
-    client.surrogate(surrogate)
-    client.grad(0.0, surrogate=surrogate, dtype="float64", **params)
-
-
 class _ServedSpike(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, fn: SpikeFunction) -> torch.Tensor:
@@ -70,36 +63,17 @@ class _ServedSpike(torch.autograd.Function):
         return ctx.fn.vjp(x, grad_output), None
 
 
-class SpikeFunction:
+class SpikeFunction(ServedSpikeBase):
     """``H(x)`` forward, ``grad_output * g'(x)`` from the service backward; see :func:`spike_function`."""
 
     def __init__(self, client: SurrogateClient, surrogate: str, params: Mapping[str, Any]) -> None:
-        self.client = client
-        self.surrogate = surrogate
-        self.params = {name: _param(value) for name, value in params.items()}
-        _validated(client, surrogate, self.params)
-        self._param_shapes = [np.shape(v) for v in self.params.values()]
-
-    def __repr__(self) -> str:
-        args = "".join(
-            f", {k}={v!r}" if np.ndim(v) == 0 else f", {k}=<array {np.shape(v)}>" for k, v in self.params.items()
-        )
-        return f"spike_function({self.client.base_url!r}, {self.surrogate!r}{args})"
+        super().__init__(client, surrogate, {name: _param(value) for name, value in params.items()})
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPE_NAMES:
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"expected a float16, bfloat16, float32 or float64 tensor, got {got}")
-        shape = tuple(x.shape)
-        try:
-            broadcast = np.broadcast_shapes(shape, *self._param_shapes)
-        except ValueError:
-            broadcast = None
-        if broadcast != shape:
-            raise ValueError(
-                f"the parameters (shapes {self._param_shapes}) must broadcast against x (shape {shape}) "
-                "without enlarging it"
-            )
+        self._check_shape(tuple(x.shape))
         return _ServedSpike.apply(x, self)
 
     def vjp(self, x: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
