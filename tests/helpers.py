@@ -9,3 +9,25 @@ def make_settings(**kw) -> Settings:
     """Test settings: no warm-up unless asked (tests compile what they use)."""
     kw.setdefault("warmup", False)
     return Settings(**kw)
+
+
+def npy(a) -> bytes:
+    """``a`` as the bytes of a ``.npy`` file."""
+    import io
+
+    import numpy as np
+
+    b = io.BytesIO()
+    np.save(b, np.asarray(a))
+    return b.getvalue()
+
+
+def npz(**arrays) -> bytes:
+    """Named arrays as the bytes of an ``.npz`` file."""
+    import io
+
+    import numpy as np
+
+    b = io.BytesIO()
+    np.savez(b, **{k: np.asarray(v) for k, v in arrays.items()})
+    return b.getvalue()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import re
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from helpers import make_settings
+from helpers import make_settings, npy, npz
 
 import surrogate_core as core
 from service.app import create_app
@@ -51,18 +50,6 @@ def error_table() -> list[tuple[int, tuple[str, ...], str]]:
         assert codes, line
         rows.append((int(cells[0]), codes, cells[2]))
     return rows
-
-
-def npy(a: np.ndarray) -> bytes:
-    b = io.BytesIO()
-    np.save(b, a)
-    return b.getvalue()
-
-
-def npz(**arrays: Any) -> bytes:
-    b = io.BytesIO()
-    np.savez(b, **{k: np.asarray(v) for k, v in arrays.items()})
-    return b.getvalue()
 
 
 def js(doc: Any) -> bytes:

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from helpers import make_settings
+from helpers import make_settings, npy, npz
 from prometheus_client.parser import text_string_to_metric_families
 
 import surrogate_core as core
@@ -54,18 +54,6 @@ class App:
                     if s.name == "surrogate_rejections_total":
                         out[s.labels["reason"]] = s.value
         return out
-
-
-def npy(a: np.ndarray) -> bytes:
-    b = io.BytesIO()
-    np.save(b, a)
-    return b.getvalue()
-
-
-def npz(**arrays: Any) -> bytes:
-    b = io.BytesIO()
-    np.savez(b, **arrays)
-    return b.getvalue()
 
 
 def nested(rank: int) -> Any:
