@@ -329,3 +329,13 @@ async def test_small_and_large_json_requests_read_the_same(client, n):
     bad = [0.5] * (n - 1) + [True]
     r = await infer(client, [({"name": "x", "shape": [n], "datatype": "FP32", "data": bad}, b"")])
     assert r.status_code == 400 and f"x[{n - 1}]" in r.json()["error"] and "boolean" in r.json()["error"]
+
+
+async def test_literals_in_parameters_do_not_hide_literals_in_data(client):
+    """binary_data: true in an output's parameters, and a boolean inside the data: still refused."""
+    outs = [{"name": "grad", "parameters": {"binary_data": False}}]
+    ok = await infer(client, [tensor("x", SEED)], outputs=outs, parameters={"binary_data_output": False})
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    t = {"name": "x", "shape": [3], "datatype": "FP32", "data": [0.5, False, 1.0], "parameters": {"note": True}}
+    r = await infer(client, [(t, b"")], outputs=outs)
+    assert r.status_code == 400 and "x[1]" in r.json()["error"] and "boolean" in r.json()["error"]
