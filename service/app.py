@@ -152,8 +152,10 @@ class Service:
         if hit is not None:
             methods, params = hit
             ep = methods.get(scope["method"]) or (methods.get("GET") if scope["method"] == "HEAD" else None)
-        protocol = "v2" if path == "/v2" or path.startswith("/v2/") else "v1"
-        label = ep.path if ep is not None else "other"
+        if ep is not None:
+            protocol, label = ep.protocol, ep.path
+        else:  # answered in the shape of the protocol the path belongs to
+            protocol, label = ("v2" if path == "/v2" or path.startswith("/v2/") else "v1"), "other"
         call = Call(scope, receive, send, params)
         try:
             if ep is None:
@@ -162,7 +164,6 @@ class Service:
                 allow = ", ".join(sorted(hit[0]))
                 raise ApiError(405, f"method {scope['method']} not allowed on {path}; allowed: {allow}",
                                headers={"Allow": allow})
-            protocol = ep.protocol
             if ep.auth and rt.token_digests:
                 check_token(rt.token_digests, call.header(b"authorization"))
             if ep.compute:

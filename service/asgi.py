@@ -137,16 +137,19 @@ class Call:
         bodies are inflated incrementally, so a compression bomb costs at most ``limit`` bytes. With
         ``into_buffer``, a body of declared length arrives in one ``bytearray`` (no chunks joined after:
         half the peak memory of a large upload)."""
-        declared = self.header(b"content-length")
-        if declared is not None:
+        raw = self.header(b"content-length")
+        declared: int | None = None
+        if raw is not None:
             try:
-                n = int(declared)
+                declared = int(raw)
             except ValueError:
                 raise ApiError(400, "Content-Length is not an integer") from None
-            if n > limit:
-                raise ApiError(413, f"request body of {n} bytes is over the limit of {limit} bytes", field="body")
+            if declared > limit:
+                raise ApiError(
+                    413, f"request body of {declared} bytes is over the limit of {limit} bytes", field="body"
+                )
             if self.ticket is not None:
-                self.ticket.require(n, f"a request body of {n} bytes", status=413)
+                self.ticket.require(declared, f"a request body of {declared} bytes", status=413)
         inflater = None
         if decode_content:
             enc = (self.header(b"content-encoding") or "identity").strip().lower()
@@ -158,8 +161,8 @@ class Call:
                 raise ApiError(415, f"unsupported Content-Encoding {enc!r}; send gzip, deflate or identity")
         chunks: list[bytes] = []
         # a declared body of some size is received into one buffer (no list of chunks joined after)
-        whole = (bytearray(int(declared)) if into_buffer and declared is not None and inflater is None
-                 and int(declared) > 1 << 16 else None)
+        whole = (bytearray(declared) if into_buffer and declared is not None and inflater is None
+                 and declared > 1 << 16 else None)
         size = 0
         more = True
         while more:
@@ -184,7 +187,7 @@ class Call:
                 what = "inflated request body" if inflater is not None else "request body"
                 raise ApiError(413, f"the {what} is over the limit of {limit} bytes", field="body")
             if self.ticket is not None and (declared is None or inflater is not None):
-                self.ticket.require(size + (int(declared) if inflater is not None and declared else 0),
+                self.ticket.require(size + (declared if inflater is not None and declared else 0),
                                     f"a request body of {size} bytes", status=413)
             if whole is not None:
                 if size > len(whole):

@@ -24,9 +24,7 @@ from numpy.lib import format as npformat
 
 from .errors import ApiError
 
-__all__ = [
-    "ACCEPTED_KINDS", "NPY", "NPZ", "BytesResponse", "NpyResponse", "answer_bytes", "decode_npy", "decode_npz",
-]
+__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "answer_bytes", "decode_npy", "decode_npz", "npy_parts"]
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -201,7 +199,7 @@ def decode_npz(body: bytes, *, max_rank: int, max_elements: int) -> dict[str, np
     return out
 
 
-def _npy_parts(a: np.ndarray) -> tuple[bytes, memoryview]:
+def npy_parts(a: np.ndarray) -> tuple[bytes, memoryview]:
     """``a`` as a ``.npy`` file in two parts, header and data; the data is a view of ``a``'s memory
     (no copy) when ``a`` is contiguous."""
     if a.dtype.kind != "f":  # bfloat16 is widened, exactly, to float32
@@ -216,39 +214,6 @@ def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
     npformat.write_array_header_1_0(buf, header) if _fits_v1(header) else npformat.write_array_header_2_0(buf, header)
     return buf.getvalue()
-
-
-
-class BytesResponse:
-    """A minimal ASGI response of one body (Starlette's Response does header bookkeeping that a
-    fixed content type and length do not need)."""
-
-    def __init__(self, body: bytes, media_type: str) -> None:
-        self.body = body
-        self.headers = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})
-
-
-class NpyResponse:
-    """An ASGI response with ``a`` as a ``.npy`` file, sent as two body chunks (header, data) so
-    the data is not copied once more to be joined to its header."""
-
-    def __init__(self, a: np.ndarray, headers: dict[str, str]) -> None:
-        self.header, self.data = _npy_parts(a)
-        self.headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        length = len(self.header) + len(self.data)
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", NPY.encode()), (b"content-length", str(length).encode()), *self.headers],
-        })
-        await send({"type": "http.response.body", "body": self.header, "more_body": True})
-        await send({"type": "http.response.body", "body": self.data, "more_body": False})
 
 
 def _fits_v1(header: dict[str, Any]) -> bool:
@@ -272,17 +237,9 @@ def answer_bytes(shape: tuple[int, ...], itemsize: int, json: bool) -> int:
     shape = tuple(int(d) for d in shape)
     n = math.prod(shape)
     if not json:
-        return _npy_header_bytes(shape, itemsize) + n * itemsize
+        dtype = np.dtype(f"<f{itemsize}") if itemsize in (2, 4, 8) else np.dtype("<f8")
+        return len(_npy_header(dtype.str, shape)) + n * itemsize  # exactly what npy_parts writes
     lists = sum(math.prod(shape[:i]) for i in range(len(shape)))  # every list at every level
     element = _MAX_JSON_ELEMENT.get(itemsize, 24)
     envelope = 256 + 21 * len(shape)  # {"surrogate": ..., "dtype": ..., "shape": [...], "grad": ...}
     return envelope + 3 * lists + (element + 1) * n
-
-
-def _npy_header_bytes(shape: tuple[int, ...], itemsize: int) -> int:
-    # exactly as _npy_parts writes it (NumPy's writer pads the header for alignment and growth)
-    dtype = np.dtype(f"<f{itemsize}") if itemsize in (2, 4, 8) else np.dtype("<f8")
-    header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    buf = io.BytesIO()
-    npformat.write_array_header_1_0(buf, header) if _fits_v1(header) else npformat.write_array_header_2_0(buf, header)
-    return buf.tell()

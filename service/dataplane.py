@@ -27,6 +27,7 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import anyio.to_thread
 import numpy as np
 
 import surrogate_core as core
@@ -38,7 +39,17 @@ from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
 from .settings import Settings
 
-__all__ = ["MAX_JSON_ARRAYS", "DataPlane", "Ticket", "check_finite", "is_finite", "json_parse_bytes", "working_set"]
+__all__ = [
+    "MAX_JSON_ARRAYS",
+    "OFFLOAD_BYTES",
+    "DataPlane",
+    "Ticket",
+    "check_finite",
+    "is_finite",
+    "json_parse_bytes",
+    "off_loop_if",
+    "working_set",
+]
 
 log = logging.getLogger("service.dataplane")
 
@@ -159,6 +170,18 @@ class DataPlane:
             ) from None
         self.metrics.count_elements(endpoint, sum(j.size for j in jobs))
         return results
+
+
+#: Request bodies larger than this are decoded in a worker thread, so the event loop stays free.
+OFFLOAD_BYTES = 1 << 20
+
+
+async def off_loop_if(large: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``: in a worker thread when ``large`` (so the event loop stays free), else inline
+    (cheaper than a thread hop)."""
+    if large:
+        return await anyio.to_thread.run_sync(fn, *args)
+    return fn(*args)
 
 
 #: Requests of at most this many elements reserve ``SMALL_JOB_BYTES`` per job plus 96 bytes per element

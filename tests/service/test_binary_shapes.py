@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from service.binary import NpyResponse, answer_bytes, decode_npy, decode_npz
+from service.binary import answer_bytes, decode_npy, decode_npz, npy_parts
 from service.errors import ApiError
 
 NPY = "application/x-npy"
@@ -109,8 +109,8 @@ SHAPES = [(), (1,), (5,), (3, 0), (0,), (2, 3, 4), (7, 0, 3), (1,) * 8, (100_000
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_npy_answer_bytes_is_the_exact_size_of_the_answer(shape, dtype):
-    response = NpyResponse(np.zeros(shape, dtype), {})
-    assert answer_bytes(shape, np.dtype(dtype).itemsize, json=False) == len(response.header) + len(response.data)
+    header, data = npy_parts(np.zeros(shape, dtype))
+    assert answer_bytes(shape, np.dtype(dtype).itemsize, json=False) == len(header) + len(data)
 
 
 def test_zero_size_dimensions_count_in_the_json_estimate():

@@ -26,6 +26,7 @@ from ...errors import ApiError
 __all__ = [
     "accepts_npy",
     "encode_json",
+    "for_json",
     "has_literals",
     "job_from_binary",
     "jobs_from_json",
@@ -306,7 +307,9 @@ def _at(path: str, idx: list[int]) -> str:
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
-def _for_json(a: np.ndarray) -> Any:
+def for_json(a: np.ndarray) -> Any:
+    """A result as JSON writes it: float32 or float64 (float16 and bfloat16 widen exactly to float32),
+    contiguous; a 0-d result as its scalar."""
     if a.dtype != _F32 and a.dtype != _F64:
         a = a.astype(np.float32)  # float16 and bfloat16 widen exactly to float32
     if a.ndim == 0:
@@ -320,7 +323,7 @@ def encode_json(payload: Any) -> bytes:
 
 
 def result_dict(op_key: str, surrogate: str, dtype: str, arr: np.ndarray) -> dict[str, Any]:
-    return {"surrogate": surrogate, "dtype": dtype, "shape": list(arr.shape), op_key: _for_json(arr)}
+    return {"surrogate": surrogate, "dtype": dtype, "shape": list(arr.shape), op_key: for_json(arr)}
 
 
 def jobs_from_json(

@@ -7,16 +7,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import anyio.to_thread
-import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import surrogate_core as core
 
 from ... import __version__
 from ...asgi import Call, Response, json_response
-from ...binary import NPY, NPZ, _npy_parts
-from ...dataplane import check_finite, json_parse_bytes
+from ...binary import NPY, NPZ, npy_parts
+from ...dataplane import OFFLOAD_BYTES, check_finite, json_parse_bytes, off_loop_if
 from ...errors import ApiError, error_json
 from ...jsonout import PIECE, result_pieces
 from ...state import Runtime
@@ -24,6 +22,7 @@ from . import fastjson
 from .codecs import (
     accepts_npy,
     encode_json,
+    for_json,
     has_literals,
     job_from_binary,
     jobs_from_json,
@@ -37,9 +36,6 @@ __all__ = ["compute", "healthz", "info", "metrics", "readyz", "render_error", "s
 JSON = "application/json"
 _MEDIA = (JSON, NPY, NPZ)
 _NPY = NPY.encode()
-#: Bodies larger than this are decoded in a worker thread, so the event loop stays free.
-OFFLOAD_BYTES = 1 << 20
-
 
 def render_error(err: ApiError) -> Response:
     headers = [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
@@ -71,9 +67,8 @@ def compute(endpoint: str):
         for i, (job, res) in enumerate(zip(jobs, results, strict=True)):
             if i:
                 pieces.append(b",")
-            a = res if res.dtype.kind == "f" and res.itemsize >= 4 else res.astype(np.float32)
             fields = {"surrogate": job.surrogate, "dtype": job.dtype, "shape": list(res.shape)}
-            pieces += result_pieces(fields, endpoint, a)
+            pieces += result_pieces(fields, endpoint, for_json(res))
         if not single:
             pieces.append(b"]")
         return Response(200, b"application/json", pieces)
@@ -97,10 +92,7 @@ def compute(endpoint: str):
         parsed = len(body) + (json_parse_bytes(body) if mt == JSON else 0)
         if ticket is not None:
             ticket.require(parsed, f"decoding a {len(body)}-byte body")
-        if len(body) > OFFLOAD_BYTES:  # large decodes run off the event loop
-            jobs, single = await anyio.to_thread.run_sync(decode, mt, body, query, s)
-        else:
-            jobs, single = decode(mt, body, query, s)
+        jobs, single = await off_loop_if(len(body) > OFFLOAD_BYTES, decode, mt, body, query, s)
         if want_npy and not single:
             raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
         dp.admit_jobs(jobs, ticket, parsed, text=not want_npy, where=_job_where)
@@ -108,11 +100,9 @@ def compute(endpoint: str):
         if want_npy:
             job, res = jobs[0], results[0]
             check_finite(job, res, text=False, where="job 0", job_index=0, hint="")
-            return Response(200, _NPY, _npy_parts(res),
+            return Response(200, _NPY, npy_parts(res),
                             [(b"x-surrogate-dtype", job.dtype.encode()), (b"x-surrogate-name", job.surrogate.encode())])
-        if sum(j.size for j in jobs) > s.offload_elements:  # large answers are written off the event loop
-            return await anyio.to_thread.run_sync(encode, jobs, results, single)
-        return encode(jobs, results, single)
+        return await off_loop_if(sum(j.size for j in jobs) > s.offload_elements, encode, jobs, results, single)
 
     handler.__name__ = endpoint
     return handler

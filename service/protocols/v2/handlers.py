@@ -18,7 +18,6 @@ import re
 import zlib
 from typing import Any
 
-import anyio.to_thread
 import ml_dtypes
 import numpy as np
 import orjson
@@ -27,13 +26,12 @@ import surrogate_core as core
 
 from ... import __version__
 from ...asgi import Call, Response, json_response, qualities
-from ...dataplane import check_finite, json_parse_bytes
+from ...dataplane import OFFLOAD_BYTES, check_finite, json_parse_bytes, off_loop_if
 from ...errors import ApiError
 from ...state import Runtime
 from ..v1 import fastjson
-from ..v1.codecs import has_literals, json_array
+from ..v1.codecs import for_json, has_literals, json_array
 from ..v1.fastjson import simdjson
-from ..v1.handlers import OFFLOAD_BYTES
 
 __all__ = [
     "DATATYPES",
@@ -145,16 +143,6 @@ async def repository_index(call: Call, rt: Runtime) -> Response:
 
 # -- infer ------------------------------------------------------------------------------------
 
-def _split(raw: str | None, body: bytes) -> tuple[bytes, memoryview]:
-    if raw is None:
-        return body, memoryview(b"")
-    n = _int(raw)
-    if n < 0 or n > len(body):
-        raise _bad(f"Inference-Header-Content-Length {n} is past the end of the {len(body)}-byte body")
-    view = memoryview(body)
-    return bytes(view[:n]), view[n:]
-
-
 def _shape(t: dict[str, Any], name: str, max_rank: int, max_elements: int) -> tuple[int, ...]:
     shape = t.get("shape")
     if not isinstance(shape, list) or any(type(d) is not int for d in shape):
@@ -229,36 +217,42 @@ async def infer(call: Call, rt: Runtime) -> Response:
     s = rt.settings
     sur = _model(call)
     body = await call.body(s.max_body_bytes, decode_content=True, into_buffer=True)
-    header_length = call.header(b"inference-header-content-length")
+    head_end = _head_end(call.header(b"inference-header-content-length"), len(body))
     ticket = call.ticket
-    head_end = len(body) if header_length is None else min(len(body), max(0, _int(header_length)))
     parsed = len(body) + json_parse_bytes(body[:head_end])
     if ticket is not None:
         ticket.require(parsed, f"decoding a {len(body)}-byte body")
-    if len(body) > OFFLOAD_BYTES:  # large decodes run off the event loop
-        req, outputs, jobs = await anyio.to_thread.run_sync(_decode, sur, body, header_length, s)
-    else:
-        req, outputs, jobs = _decode(sur, body, header_length, s)
+    req, outputs, jobs = await off_loop_if(len(body) > OFFLOAD_BYTES, _decode, sur, body, head_end, s)
     rt.dataplane.admit_jobs(jobs, ticket, parsed, text=not all(b for _, b in outputs),
                             where=lambda i: f"output {outputs[i][0]!r}", job_index=False)
     results = await rt.dataplane.infer(jobs, "infer")
-    if sum(j.size for j in jobs) > s.offload_elements:  # large answers are written off the event loop
-        encoding = call.header(b"accept-encoding")
-        return await anyio.to_thread.run_sync(_encode, encoding, req, sur, outputs, jobs, results)
-    return _encode(call.header(b"accept-encoding"), req, sur, outputs, jobs, results)
+    large = sum(j.size for j in jobs) > s.offload_elements
+    return await off_loop_if(large, _encode, call.header(b"accept-encoding"), req, sur, outputs, jobs, results)
 
 
-def _int(raw: str) -> int:
+def _head_end(raw: str | None, size: int) -> int:
+    """Where the JSON header of a ``size``-byte body ends (``Inference-Header-Content-Length``; the
+    whole body without it)."""
+    if raw is None:
+        return size
     try:
-        return int(raw)
+        n = int(raw)
     except ValueError:
         raise _bad(f"Inference-Header-Content-Length {raw!r} is not an integer") from None
+    if n < 0 or n > size:
+        raise _bad(f"Inference-Header-Content-Length {n} is past the end of the {size}-byte body")
+    return n
 
 
-def _decode(sur: core.Surrogate, body: bytes, header_length: str | None, s: Any
+def _decode(sur: core.Surrogate, body: bytes, head_end: int, s: Any
             ) -> tuple[dict[str, Any], list[tuple[str, bool]], list[core.Job]]:
-    """An infer request's JSON header and binary tensors into core jobs, one per requested output."""
-    head, rest = _split(header_length, body)
+    """An infer request's JSON header (``body[:head_end]``) and binary tensors (the rest) into core
+    jobs, one per requested output."""
+    if head_end == len(body):  # JSON alone (no binary tensors): no copy
+        head, rest = body, memoryview(b"")
+    else:
+        view = memoryview(body)
+        head, rest = bytes(view[:head_end]), view[head_end:]
     if not head.strip():
         raise _bad("empty request body; send an inference request object")
     req = _fast_request(head)
@@ -439,8 +433,7 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
                 raise _bad(
                     f"output {name!r}: BF16 tensors travel only as binary data; set parameters.binary_data", name
                 )
-            flat = res.reshape(-1)
-            out["data"] = flat if flat.dtype != np.float16 else flat.astype(np.float32)
+            out["data"] = for_json(res.reshape(-1))
         descr.append(out)
     answer: dict[str, Any] = {"model_name": sur.name, "model_version": VERSION}
     if "id" in req:
