@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from liveserver import npy  # noqa: F401  (one .npy helper for every test)
 from service.settings import Settings
 
 
@@ -9,17 +10,6 @@ def make_settings(**kw) -> Settings:
     """Test settings: no warm-up unless asked (tests compile what they use)."""
     kw.setdefault("warmup", False)
     return Settings(**kw)
-
-
-def npy(a) -> bytes:
-    """``a`` as the bytes of a ``.npy`` file."""
-    import io
-
-    import numpy as np
-
-    b = io.BytesIO()
-    np.save(b, np.asarray(a))
-    return b.getvalue()
 
 
 def npz(**arrays) -> bytes:

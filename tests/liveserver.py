@@ -59,9 +59,14 @@ def npy(a) -> bytes:
     return b.getvalue()
 
 
-def rss_bytes(pid: int) -> int:
+def proc_status_bytes(pid: int, key: str) -> int:
+    """A size from ``/proc/<pid>/status`` in bytes (``VmRSS``, ``VmHWM``, ...)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {key}")
+
+
+def rss_bytes(pid: int) -> int:
+    return proc_status_bytes(pid, "VmRSS")

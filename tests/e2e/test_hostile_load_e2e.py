@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from liveserver import npy, running_server
+from liveserver import npy, proc_status_bytes, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MiB = 1 << 20
@@ -35,14 +35,6 @@ def reset_peak(pid: int) -> None:
     """Start a new peak: VmHWM becomes the current resident size (proc(5), clear_refs)."""
     with open(f"/proc/{pid}/clear_refs", "w") as f:
         f.write("5")
-
-
-def status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 @contextmanager
@@ -122,7 +114,7 @@ def test_a_burst_of_large_requests_stays_within_the_budget(server):
     x = np.linspace(-2, 2, 15_000_000, dtype=np.float32)
     body = npy(x)
     reset_peak(pid)
-    base = status_kb(pid, "VmRSS")
+    base = proc_status_bytes(pid, "VmRSS")
     with probed(port) as probe, ThreadPoolExecutor(48) as pool:
         results = list(pool.map(lambda _: post(port, "/v1/grad", body, "application/x-npy", "application/x-npy"), range(48)))
     statuses = [s for s, _, _ in results]
@@ -133,7 +125,7 @@ def test_a_burst_of_large_requests_stays_within_the_budget(server):
         else:
             g = np.load(io.BytesIO(data))
             assert g.shape == x.shape and g[0] == 0.0 and g[7_500_000] == np.float32(1 - abs(x[7_500_000]))
-    peak = status_kb(pid, "VmHWM") - base
+    peak = proc_status_bytes(pid, "VmHWM") - base
     print(f"burst: {statuses.count(200)} x 200, {statuses.count(503)} x 503; peak +{peak / MiB:.0f} MiB; "
           f"worst /healthz {probe['worst'] * 1e3:.0f} ms")
     assert peak <= 1.1 * BUDGET
@@ -157,14 +149,14 @@ def test_zero_size_dimensions_are_not_free(server):
     # the JSON form: broadcasting to shape (3000, 3000, 0); admitted (9M nested lists are under the
     # limit) and answered without walking elements
     reset_peak(pid)
-    before = status_kb(pid, "VmRSS")
+    before = proc_status_bytes(pid, "VmRSS")
     body = json.dumps({"x": [], "alpha": [[1]] * 3000, "cotangent": [[[1]]] * 3000}).encode()
     with probed(port) as probe:
         status, _, data = post(port, "/v1/grad", body, "application/json")
     assert status == 200
     doc = json.loads(data)
     assert doc["shape"] == [3000, 3000, 0] and doc["grad"][2999][2999] == []
-    growth = status_kb(pid, "VmHWM") - before
+    growth = proc_status_bytes(pid, "VmHWM") - before
     print(f"(3000, 3000, 0): {len(data) / MiB:.0f} MiB answer, peak +{growth / MiB:.0f} MiB, "
           f"worst /healthz {probe['worst'] * 1e3:.0f} ms")
     assert growth < 300 * MiB
@@ -177,7 +169,7 @@ def test_broadcast_amplification_is_admitted_by_its_answer(server):
     x = np.linspace(-2, 2, 4096).round(4).tolist()
     body = json.dumps({"x": x, "alpha": [[1.0]] * 4096}).encode()
     reset_peak(pid)
-    base = status_kb(pid, "VmRSS")
+    base = proc_status_bytes(pid, "VmRSS")
     with probed(port) as probe, ThreadPoolExecutor(24) as pool:
         results = list(pool.map(lambda _: post(port, "/v1/grad", body, "application/json"), range(24)))
     statuses = [s for s, _, _ in results]
@@ -186,7 +178,7 @@ def test_broadcast_amplification_is_admitted_by_its_answer(server):
     doc = json.loads(ok)
     assert doc["shape"] == [4096, 4096]
     assert doc["grad"][5][2048] == pytest.approx(max(0.0, 1 - abs(x[2048])), abs=1e-6)
-    peak = status_kb(pid, "VmHWM") - base
+    peak = proc_status_bytes(pid, "VmHWM") - base
     print(f"broadcast: {statuses.count(200)} x 200, {statuses.count(503)} x 503; peak +{peak / MiB:.0f} MiB; "
           f"worst /healthz {probe['worst'] * 1e3:.0f} ms")
     assert peak <= 1.1 * BUDGET
@@ -201,7 +193,7 @@ def test_slow_readers_are_cut_off_and_their_memory_freed(server):
     request = (f"POST /v1/grad HTTP/1.1\r\nhost: t\r\ncontent-type: application/x-npy\r\naccept: application/x-npy\r\n"
                f"content-length: {len(body)}\r\n\r\n").encode() + body
     reset_peak(pid)
-    base = status_kb(pid, "VmRSS")
+    base = proc_status_bytes(pid, "VmRSS")
     socks = []
     for _ in range(100):
         s = socket.create_connection(("127.0.0.1", port))
@@ -210,7 +202,7 @@ def test_slow_readers_are_cut_off_and_their_memory_freed(server):
         socks.append(s)
     try:
         time.sleep(4)  # past the 2 s send timeout
-        held = status_kb(pid, "VmHWM") - base
+        held = proc_status_bytes(pid, "VmHWM") - base
         deadline = time.monotonic() + 30
         while info(port)["memory"]["in_use"] and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -45,6 +45,14 @@ class App:
     async def post(self, body: bytes, ctype: str = JSON, path: str = "/v1/grad", **headers: str) -> httpx.Response:
         return await self.client.post(path, content=body, headers={"content-type": ctype, **headers})
 
+    async def post_x(self, fmt: str, x: np.ndarray) -> httpx.Response:
+        """A job of ``x`` alone, in one of the wire formats: json, npy or npz."""
+        if fmt == "json":
+            return await self.post(orjson.dumps({"x": x.tolist()}))
+        if fmt == "npy":
+            return await self.post(npy(x), NPY)
+        return await self.post(npz(x=x), NPZ)
+
     async def rejections(self) -> dict[str, float]:
         text = (await self.client.get("/metrics")).text
         out: dict[str, float] = {}
@@ -96,12 +104,7 @@ async def test_exactly_max_elements_is_accepted_and_one_more_refused(fmt):
     async with App(max_elements=limit) as a:
         for n, ok in ((limit, True), (limit + 1, False)):
             x = np.linspace(-1.5, 1.5, n, dtype=np.float32)
-            if fmt == "json":
-                r = await a.post(orjson.dumps({"x": x.tolist()}))
-            elif fmt == "npy":
-                r = await a.post(npy(x), NPY)
-            else:
-                r = await a.post(npz(x=x), NPZ)
+            r = await a.post_x(fmt, x)
             if ok:
                 assert r.status_code == 200, r.text
                 np.testing.assert_allclose(r.json()["grad"], grad_ref(x), rtol=1e-6, atol=1e-6)
@@ -175,13 +178,8 @@ async def test_exactly_max_jobs_is_accepted_and_one_more_refused():
 async def test_rank_exactly_max_rank_is_accepted_and_one_more_refused(fmt, max_rank):
     async with App(max_rank=max_rank) as a:
         for rank, ok in ((max_rank, True), (max_rank + 1, False)):
-            x = np.full((1,) * rank, 0.5, np.float32)
-            if fmt == "json":
-                r = await a.post(orjson.dumps({"x": nested(rank)}))
-            elif fmt == "npy":
-                r = await a.post(npy(x), NPY)
-            else:
-                r = await a.post(npz(x=x), NPZ)
+            x = np.full((1,) * rank, 0.5, np.float32)  # as JSON: nested(rank)
+            r = await a.post_x(fmt, x)
             if ok:
                 assert r.status_code == 200, r.text
                 assert r.json()["shape"] == [1] * rank
