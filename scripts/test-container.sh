@@ -311,7 +311,7 @@ print("image contents ok: uid", os.getuid(), "jax", jax.__version__, sys.version
 ' || fail "image contents"
 # docker-compose.yml must offer every setting of the service (the token file: deploy/compose.secrets.yml).
 settings=$(podman run --rm --no-healthcheck --network none "$IMAGE" python -c \
-    'from service.settings import Settings; print(" ".join(f"SURROGATE_{n.upper()}" for n in Settings.model_fields))')
+    'from service.server.settings import Settings; print(" ".join(f"SURROGATE_{n.upper()}" for n in Settings.model_fields))')
 missing_settings=()
 for v in $settings; do
     grep -qE "^ +$v:" docker-compose.yml deploy/compose.secrets.yml || missing_settings+=("$v")

@@ -19,8 +19,8 @@ import uvicorn
 
 import surrogate_core
 
-from . import lifecycle
-from .settings import Settings, load_settings
+from .server import lifecycle
+from .server.settings import Settings, load_settings
 
 log = logging.getLogger("service")
 
@@ -84,10 +84,10 @@ def _shared_metrics_dir() -> Iterator[None]:
 
 
 def _http_protocol(settings: Settings) -> str:
-    """uvicorn's httptools protocol with limits on request heads (service.httpproto); without
+    """uvicorn's httptools protocol with limits on request heads (service.server.httpproto); without
     httptools, h11, whose own limit on an incomplete event covers the header size."""
     try:
-        from . import httpproto
+        from .server import httpproto
     except ImportError:  # httptools is not installed
         return "h11"
     httpproto.configure(max_header_bytes=settings.max_header_bytes, header_timeout=settings.header_timeout)
@@ -105,7 +105,7 @@ def create_worker_app() -> Any:
 class _GracefulServer(uvicorn.Server):
     """uvicorn's server with a clean stop on SIGTERM.
 
-    - Draining: first the process is marked as shutting down (:mod:`service.lifecycle`), and for
+    - Draining: first the process is marked as shutting down (:mod:`service.server.lifecycle`), and for
       ``drain`` seconds the listener stays open: every new request, readiness probes included, is
       answered 503 with ``Connection: close`` (by the protocol, service.httpproto), so load
       balancers take the instance out and clients retry elsewhere, while requests in flight go on.

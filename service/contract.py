@@ -12,7 +12,7 @@ __all__ = ["contract", "dump"]
 
 def contract() -> dict[str, Any]:
     from .app import create_app
-    from .settings import Settings
+    from .server.settings import Settings
 
     return create_app(Settings(warmup=False)).openapi()
 

@@ -184,7 +184,7 @@ class ErrorResponse(BaseModel):
 class ParameterInfo(BaseModel):
     name: str
     type: Literal["number", "integer"] = Field(description="integer for whole-number parameters (e.g. n).")
-    default: float
+    default: int | float
     constraint: str
     description: str
 

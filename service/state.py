@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import surrogate_core as core
 
-from .batching import Batcher
 from .dataplane import DataPlane
-from .metrics import Metrics
-from .settings import Settings
+from .dataplane.batching import Batcher
+from .dataplane.metrics import Metrics
+from .server.settings import Settings
 
 __all__ = ["Runtime"]
 
@@ -23,8 +21,6 @@ class Runtime:
     engine: core.Engine
     dataplane: DataPlane
     token_digests: list[bytes] = field(default_factory=list)
-    #: the OpenAPI document (built once, on first use)
-    contract: Callable[[], dict[str, Any]] = field(default=dict)
 
     @property
     def batcher(self) -> Batcher:

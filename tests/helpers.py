@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from liveserver import npy  # noqa: F401  (one .npy helper for every test)
-from service.settings import Settings
+from service.server.settings import Settings
 
 
 def make_settings(**kw) -> Settings:

@@ -45,7 +45,7 @@ def asgi_app():
 @pytest.fixture
 async def aclient(asgi_app) -> AsyncIterator[surrogate_client.AsyncSurrogateClient]:
     """An AsyncSurrogateClient talking to the app in process."""
-    async with asgi_app.lifespan():
+    async with asgi_app.router.lifespan_context(asgi_app):
         async with surrogate_client.AsyncSurrogateClient(
             "http://testserver", http_transport=httpx.ASGITransport(app=asgi_app), retries=0
         ) as c:

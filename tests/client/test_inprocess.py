@@ -153,7 +153,7 @@ async def test_bearer_token():
 
     token = "client-test-token-0123456789"
     app = create_app(make_settings(api_token=token))
-    async with app.lifespan():
+    async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with scl.AsyncSurrogateClient("http://testserver", http_transport=transport, retries=0) as anon:
             assert await anon.health() == {"status": "ok"}  # probes stay open

@@ -17,6 +17,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(make_settings(max_elements=100_000, max_body_bytes=2_000_000, max_jobs=16))
-    async with app.lifespan():
+    async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as c:
             yield c

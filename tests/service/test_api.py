@@ -213,7 +213,7 @@ async def test_unknown_route_and_method_use_the_error_model(client):
 async def test_readiness_waits_for_warm_up():
     app = create_app(make_settings(warmup=True, warmup_max_elements=2048))
     transport = httpx.ASGITransport(app=app)
-    async with app.lifespan():
+    async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             assert (await c.get("/healthz")).json() == {"status": "ok"}
             first = await c.get("/readyz")

@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from service.binary import answer_bytes, decode_npy, decode_npz, npy_parts
+from service.protocols.tensors.npy import answer_bytes, decode_npy, decode_npz, npy_parts
 from service.errors import ApiError
 
 NPY = "application/x-npy"

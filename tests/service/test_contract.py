@@ -41,8 +41,11 @@ def test_contract_documents_bodies_errors_and_the_seed_example():
     doc = yaml.safe_load((ROOT / "openapi.yaml").read_text())
     for ep in ("spike", "grad", "fun"):
         op = doc["paths"][f"/v1/{ep}"]["post"]
-        examples = op["requestBody"]["content"]["application/json"]["examples"]
-        assert examples["seed"]["value"]["x"] == [-2.0, -0.5, 0.0, 0.5, 2.0]
+        content = op["requestBody"]["content"]
+        assert next(iter(content)) == "application/json"  # Swagger UI's "Try it out" opens on a JSON body
+        examples = content["application/json"]["examples"]
+        assert examples["one_job"]["value"]["x"] == [-2.0, -0.5, 0.0, 0.5, 2.0]
+        assert set(content) == {"application/json", "application/x-npy", "application/x-npz"}
         for status in ("400", "413", "415", "422"):
             assert op["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
     spike_example = doc["paths"]["/v1/spike"]["post"]["responses"]["200"]["content"]["application/json"]["example"]

@@ -113,7 +113,7 @@ def _failing(exc: BaseException) -> Callable[[Any, Any], None]:
 
 
 def _internal(rt: Any, monkeypatch: Any) -> None:
-    import service.protocols.v1.handlers as v1
+    import service.protocols.v1.codec as v1
 
     def boom(*args: Any, **kw: Any) -> None:
         raise KeyError("internal detail")
@@ -341,7 +341,7 @@ def test_every_format_of_a_binary_row_is_covered():
 async def test_row(case: Case, monkeypatch):
     app = create_app(make_settings(**{**LIMITS, **case.settings}))
     rt = app.state.runtime
-    async with app.lifespan():
+    async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client:
             if "request_timeout" in case.settings:  # compile first: the short time limit is not for compiling

@@ -7,7 +7,9 @@ import numpy as np
 import orjson
 import pytest
 
-from service.protocols.v1 import codecs, fastjson
+from service.protocols.tensors import fastjson
+from service.protocols.tensors.arrays import has_literals
+from service.protocols.v1 import codec as codecs
 
 pytestmark = pytest.mark.anyio
 BIG = 5000  # elements: enough to pass fastjson.MIN_BYTES
@@ -19,7 +21,7 @@ def pad(doc) -> bytes:
 
 def general(body: bytes):
     docs, single = codecs.parse_json(body)
-    return codecs.jobs_from_json(docs, "grad", careful=codecs.has_literals(body), max_rank=8, max_elements=10**8, max_jobs=64), single
+    return codecs.jobs_from_json(docs, "grad", careful=has_literals(body), max_rank=8, max_elements=10**8, max_jobs=64), single
 
 
 def fast(body: bytes):

@@ -6,7 +6,7 @@ import numpy as np
 import orjson
 import pytest
 
-from service.jsonout import PIECE, array_pieces, result_pieces
+from service.protocols.tensors.jsonout import PIECE, array_pieces, result_pieces
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (5,), (PIECE + 7,), (3, PIECE + 1), (PIECE // 3 + 5, 3), (2, 3, PIECE // 4),

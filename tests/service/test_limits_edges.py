@@ -31,7 +31,7 @@ class App:
         self.rt = self.app.state.runtime
 
     async def __aenter__(self) -> App:
-        self._lifespan = self.app.lifespan()
+        self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://t", timeout=30
@@ -447,7 +447,7 @@ class NativeMetrics:
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        from service.metrics import BATCH_ELEMENT_BUCKETS, BATCH_REQUEST_BUCKETS, LATENCY_BUCKETS
+        from service.dataplane.metrics import BATCH_ELEMENT_BUCKETS, BATCH_REQUEST_BUCKETS, LATENCY_BUCKETS
 
         r = self.registry = CollectorRegistry()
         self.requests = Counter("surrogate_requests", "HTTP requests by endpoint, protocol and status.",
@@ -485,7 +485,7 @@ class NativeMetrics:
 
 def _events(m: Any) -> None:
     """The same updates for both: values on bucket bounds, between them and past the last."""
-    from service.metrics import LATENCY_BUCKETS
+    from service.dataplane.metrics import LATENCY_BUCKETS
 
     rng = np.random.default_rng(7)
     latencies = [*LATENCY_BUCKETS, 0.0, 1e-7, 31.0, *rng.uniform(0, 2, 50).tolist()]
@@ -514,7 +514,7 @@ def _without_created_values(text: str) -> str:
 def test_the_metrics_text_is_what_prometheus_clients_objects_write():
     from prometheus_client import generate_latest
 
-    from service.metrics import LocalMetrics
+    from service.dataplane.metrics import LocalMetrics
 
     engine = core.Engine()
     ours = LocalMetrics(engine, lambda: 0)
@@ -549,7 +549,7 @@ def test_the_metrics_text_is_what_prometheus_clients_objects_write():
 def test_the_created_series_are_the_times_the_series_appeared():
     import time as _time
 
-    from service.metrics import LocalMetrics
+    from service.dataplane.metrics import LocalMetrics
 
     t0 = _time.time()
     m = LocalMetrics(core.Engine(), lambda: 0)
@@ -565,7 +565,7 @@ def test_the_workers_metrics_add_up_in_one_scrape(tmp_path, monkeypatch):
     own process identifier): one scrape sees the sum of both, engine statistics included."""
     from prometheus_client import generate_latest, values
 
-    from service import metrics as sm
+    from service.dataplane import metrics as sm
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     workers = []
@@ -627,7 +627,7 @@ _BIG = b"[" + b",".join([b"0.5"] * 10_000) + b"]"  # past service.protocols.v1.f
     ids=["rank", "duplicate", "past-float64", "boolean", "elements"],
 )
 async def test_large_json_bodies_are_refused_as_small_ones(body, code, job, field):
-    from service.protocols.v1 import fastjson
+    from service.protocols.tensors import fastjson
 
     assert len(body) > fastjson.MIN_BYTES
     async with App(max_elements=15_000) as a:

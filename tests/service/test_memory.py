@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service import memory
-from service.memory import MARGIN, MIN_BUDGET, MemoryBudget, detect_budget, own_rss
+from service.dataplane import memory
+from service.dataplane.memory import MARGIN, MIN_BUDGET, MemoryBudget, detect_budget, own_rss
 
 GiB = 1 << 30
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from service.app import create_app
-from service.settings import Settings
+from service.server.settings import Settings
 
 from helpers import make_settings
 
@@ -27,7 +27,7 @@ class App:
         self.rt = self.app.state.runtime
 
     async def __aenter__(self):
-        self._lifespan = self.app.lifespan()
+        self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://t", timeout=30
@@ -183,7 +183,7 @@ async def test_a_device_failure_fails_only_its_batch(exc, status, code):
 
 async def test_unexpected_errors_are_a_generic_500(monkeypatch):
     async with App() as a:
-        import service.protocols.v1.handlers as v1
+        import service.protocols.v1.codec as v1
 
         def boom(*args, **kw):
             raise KeyError("internal detail")

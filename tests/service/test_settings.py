@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import InvalidSettings, Settings, load_settings
+from service.server.settings import InvalidSettings, Settings, load_settings
 
 SECRET = "sh0rt-s3cret"  # too short to be accepted, and must never be printed
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def test_a_validation_error_of_settings_itself_hides_the_input(monkeypatch):
 @pytest.mark.parametrize(
     "command",
     [
-        ["-c", "from service.settings import load_settings; load_settings()"],
+        ["-c", "from service.server.settings import load_settings; load_settings()"],
         ["-m", "service"],
     ],
     ids=["load_settings", "python -m service"],

@@ -67,7 +67,7 @@ def outputs(r) -> dict[str, np.ndarray]:
 @pytest.fixture
 async def client():
     app = create_app(make_settings(max_elements=100_000, max_body_bytes=2_000_000))
-    async with app.lifespan():
+    async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             yield c
 
@@ -206,7 +206,7 @@ async def test_compressed_requests_and_answers(client, encoding):
 
 async def test_a_compression_bomb_is_refused_after_at_most_the_limit():
     app = create_app(make_settings(max_body_bytes=100_000))
-    async with app.lifespan():
+    async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             bomb = gzip.compress(b"[" + b" " * 50_000_000 + b"]")
             assert len(bomb) < 100_000
@@ -293,7 +293,7 @@ async def test_non_finite_results_need_binary_outputs(client):
 async def test_auth_answers_401_in_the_oip_shape():
     token = "s3cret-token-0123456789"
     app = create_app(make_settings(api_token=token))
-    async with app.lifespan():
+    async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             r = await infer(c, [tensor("x", SEED)])
             assert r.status_code == 401 and set(r.json()) == {"error"} and r.headers["www-authenticate"] == "Bearer"

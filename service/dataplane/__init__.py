@@ -24,7 +24,7 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -32,24 +32,13 @@ import numpy as np
 
 import surrogate_core as core
 
+from ..errors import ApiError
+from ..server.settings import Settings
 from .batching import Batcher, DeviceError, Overloaded
-from .binary import answer_bytes
-from .errors import ApiError
 from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
-from .settings import Settings
 
-__all__ = [
-    "MAX_JSON_ARRAYS",
-    "OFFLOAD_BYTES",
-    "DataPlane",
-    "Ticket",
-    "check_finite",
-    "is_finite",
-    "json_parse_bytes",
-    "off_loop_if",
-    "working_set",
-]
+__all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Ticket", "off_loop_if", "working_set"]
 
 log = logging.getLogger("service.dataplane")
 
@@ -82,43 +71,27 @@ class DataPlane:
         self.budget_source = source
 
     # -- admission ---------------------------------------------------------------------------
-    async def admitted(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``work(ticket, *args)`` as one admitted request: refused at once past the concurrency
-        limit, cancelled (``timeout``) past the time limit; ``ticket`` holds its memory reservation,
-        released when ``work`` returns or fails."""
-        s = self.settings
-        if self.in_flight >= s.max_concurrent:
-            raise ApiError(
-                503, f"{self.in_flight} requests in progress (limit {s.max_concurrent}); retry shortly",
-                code="overloaded", headers={"Retry-After": "1"}, reason="concurrency",
-            )
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
-        ticket = Ticket(self.budget)
-        try:
-            async with asyncio.timeout(s.request_timeout):
-                return await work(ticket, *args)
-        except TimeoutError:
-            raise ApiError(
-                503, f"the request took longer than {s.request_timeout} s", code="timeout",
-                headers={"Retry-After": "1"}, reason="timeout",
-            ) from None
-        finally:
-            ticket.release()
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+    def admission(self) -> Admission:
+        """``async with dp.admission() as ticket:`` one admitted request: refused at once past the
+        concurrency limit, cancelled (``timeout``) past the time limit; ``ticket`` holds its memory
+        reservation, released when the block ends, whichever way."""
+        return Admission(self)
 
-    def admit_jobs(self, jobs: Sequence[core.Job], ticket: Ticket | None, decoded: int, *, text: bool,
-                   where: Callable[[int], str], job_index: bool = True) -> None:
-        """Check a request's jobs against the limits (:meth:`check`) and grow its reservation to
-        ``decoded`` (what decoding made, body included) plus their working set."""
-        n = self.check(jobs, where=where, job_index=job_index)
-        if ticket is None:
-            return
+    async def serve(self, codec: Any, request: Any, body: bytes, ticket: Ticket) -> Any:
+        """One admitted request given its codec: decode -> the limits -> infer -> encode. Large
+        bodies are decoded, and large answers encoded, in a worker thread (the event loop stays free);
+        small ones inline, which is cheaper than a thread hop."""
+        parsed = len(body) + codec.parse_bytes(request, body)
+        ticket.require(parsed, f"decoding a {len(body)}-byte body")
+        decoded = await off_loop_if(len(body) > OFFLOAD_BYTES, codec.decode, request, body)
+        jobs = decoded.jobs
+        n = self.check(jobs, where=lambda i: codec.where(decoded, i), job_index=codec.job_index)
         if n <= SMALL_ELEMENTS:  # a cheap bound for small requests: padded buffers and answers are small
-            ticket.require(decoded + SMALL_JOB_BYTES * len(jobs) + 96 * n, "this request")
+            ticket.require(parsed + SMALL_JOB_BYTES * len(jobs) + 96 * n, "this request")
         else:
-            ticket.require(decoded + working_set(jobs, text=text), "this request")
+            ticket.require(parsed + working_set(jobs) + codec.answer_bytes(decoded), "this request")
+        results = await self.infer(jobs, codec.endpoint)
+        return await off_loop_if(n > self.settings.offload_elements, codec.encode, decoded, results)
 
     def check(self, jobs: Sequence[core.Job], *, where: Callable[[int], str], job_index: bool = True) -> int:
         """The protocol-neutral limits of a request's jobs, all together: elements (a zero-size
@@ -190,6 +163,44 @@ SMALL_ELEMENTS = 1 << 14
 SMALL_JOB_BYTES = 1 << 16
 
 
+class Admission:
+    """The admission of one request (``DataPlane.admission``): a concurrency slot, a deadline and a
+    memory ``Ticket``."""
+
+    __slots__ = ("dp", "ticket", "timeout")
+
+    def __init__(self, dp: DataPlane) -> None:
+        self.dp = dp
+
+    async def __aenter__(self) -> Ticket:
+        dp = self.dp
+        s = dp.settings
+        if dp.in_flight >= s.max_concurrent:
+            raise ApiError(
+                503, f"{dp.in_flight} requests in progress (limit {s.max_concurrent}); retry shortly",
+                code="overloaded", headers={"Retry-After": "1"}, reason="concurrency",
+            )
+        dp.in_flight += 1
+        dp.metrics.in_flight.inc()
+        self.ticket = Ticket(dp.budget)
+        self.timeout = asyncio.timeout(s.request_timeout)
+        await self.timeout.__aenter__()
+        return self.ticket
+
+    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        dp = self.dp
+        self.ticket.release()
+        dp.in_flight -= 1
+        dp.metrics.in_flight.dec()
+        try:
+            await self.timeout.__aexit__(kind, exc, tb)
+        except TimeoutError:
+            raise ApiError(
+                503, f"the request took longer than {dp.settings.request_timeout} s", code="timeout",
+                headers={"Retry-After": "1"}, reason="timeout",
+            ) from None
+
+
 class Ticket:
     """One request's memory reservation: grows (``require``) as the request learns what it will
     hold; released whole when the request ends."""
@@ -230,31 +241,10 @@ class Ticket:
             self.held = 0
 
 
-#: Most JSON arrays (``[`` tokens) one body may hold: parsing makes a Python list of each, and a
-#: body of 16 million one-element rows would hold the interpreter for seconds. Larger nested
-#: arrays travel as ``.npy``.
-MAX_JSON_ARRAYS = 1 << 17
-
-
-def json_parse_bytes(body: bytes) -> int:
-    """An upper estimate of the memory a general JSON parser makes of ``body`` (a Python object and
-    a list slot per number, a list per bracket), counted at C speed before parsing; a body of more
-    than ``MAX_JSON_ARRAYS`` arrays is refused here."""
-    commas, brackets = body.count(b","), body.count(b"[")
-    if brackets > MAX_JSON_ARRAYS:
-        raise ApiError(
-            422,
-            f"the JSON body holds {brackets} arrays, over the limit of {MAX_JSON_ARRAYS}; send large nested arrays "
-            "as .npy (application/x-npy)",
-            field="x", code="too_large",
-        )
-    return 40 * (commas + 1) + 72 * brackets
-
-
-def working_set(jobs: Sequence[core.Job], *, text: bool) -> int:
-    """An upper estimate of the bytes ``jobs`` hold from decoding to their encoded answer: their
-    input arrays, the padded buffers and results of the engine, and the answer (twice for text,
-    which is built in a growing buffer)."""
+def working_set(jobs: Sequence[core.Job]) -> int:
+    """An upper estimate of the bytes ``jobs`` hold from decoding to their results: their input
+    arrays, the padded buffers and results of the engine (the encoded answer is the codec's to
+    estimate)."""
     total = 0
     for job in jobs:
         item = core.DTYPES[job.dtype].itemsize
@@ -263,40 +253,4 @@ def working_set(jobs: Sequence[core.Job], *, text: bool) -> int:
         per_element = sum(1 for a in inputs if a.size > 1)
         total += sum(a.nbytes for a in inputs)
         total += int(n * item * (1.5 * max(per_element, 1) + 1))  # padded arguments, then the result
-        total += answer_bytes(job.shape, max(item, 4), json=text) * (2 if text else 1)
     return total
-
-
-def _isfinite(a: np.ndarray) -> np.ndarray:
-    # bfloat16 (ml_dtypes) is not a NumPy float kind: widen it (exactly) to float32 first
-    return np.isfinite(a if a.dtype.kind == "f" else a.astype(np.float32))
-
-
-def is_finite(a: np.ndarray) -> bool:
-    return a.size == 0 or bool(_isfinite(a).all())
-
-
-def check_finite(
-    job: core.Job, result: np.ndarray, *, text: bool, where: str, job_index: int | None, hint: str
-) -> None:
-    """Raise ``not_representable`` when ``result`` overflowed (non-finite where every input was
-    finite), or, for a text answer (JSON cannot carry them), holds NaN or infinity at all."""
-    if is_finite(result):
-        return
-    finite = np.ones(result.shape, bool)
-    for a in (job.x, job.cotangent, *job.params.values()):
-        if a is not None:
-            finite &= _isfinite(a)
-    if bool((~_isfinite(result) & finite).any()):
-        raise ApiError(
-            422,
-            f"{where}: the result is not finite in {job.dtype} (overflow for these values); "
-            "use a wider dtype or smaller values",
-            job=job_index, field="dtype", code="not_representable",
-        )
-    if text:
-        raise ApiError(
-            422,
-            f"{where}: the result holds NaN or infinity (from NaN/inf in the input), which JSON cannot carry; {hint}",
-            job=job_index, field="x", code="not_representable",
-        )

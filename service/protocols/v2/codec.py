@@ -24,27 +24,14 @@ import orjson
 
 import surrogate_core as core
 
-from ... import __version__
-from ...asgi import Call, Response, json_response, qualities
-from ...dataplane import OFFLOAD_BYTES, check_finite, json_parse_bytes, off_loop_if
+from ...compute import Answer, Head
 from ...errors import ApiError
-from ...state import Runtime
-from ..v1 import fastjson
-from ..v1.codecs import for_json, has_literals, json_array
-from ..v1.fastjson import simdjson
+from ..tensors import fastjson
+from ..tensors.arrays import check_finite, for_json, has_literals, json_array, json_parse_bytes, qualities
+from ..tensors.fastjson import simdjson
+from ..tensors.npy import answer_bytes
 
-__all__ = [
-    "DATATYPES",
-    "OUTPUTS",
-    "health_live",
-    "health_ready",
-    "infer",
-    "model_metadata",
-    "model_ready",
-    "render_error",
-    "repository_index",
-    "server_metadata",
-]
+__all__ = ["DATATYPES", "OUTPUTS", "V2Codec", "describe_model", "model", "render_error"]
 
 VERSION = "1"
 #: OIP datatype -> core dtype name
@@ -63,49 +50,26 @@ _REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs", "model_nam
 _STATUS = {422: 400, 406: 400}  # /v1's "valid JSON, invalid job" is OIP's plain bad request
 
 
-def render_error(err: ApiError) -> Response:
+def render_error(err: ApiError) -> Answer:
     headers = [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
-    return json_response(orjson.dumps({"error": err.message}), _STATUS.get(err.status, err.status), headers)
+    return Answer(_STATUS.get(err.status, err.status), b"application/json", (orjson.dumps({"error": err.message}),),
+                  headers)
 
 
 def _bad(message: str, field: str | None = None) -> ApiError:
     return ApiError(400, message, field=field, code="invalid_value")
 
 
-# -- server and model metadata ---------------------------------------------------------------
+# -- models ----------------------------------------------------------------------------------
 
-async def server_metadata(call: Call, rt: Runtime) -> Response:
-    return json_response(orjson.dumps({"name": "surrogate-serve", "version": __version__,
-                                       "extensions": ["binary_tensor_data", "model_repository"]}))
-
-
-_LIVE = orjson.dumps({"live": True})
-
-
-async def health_live(call: Call, rt: Runtime) -> Response:
-    return json_response(_LIVE)
-
-
-def _not_ready() -> ApiError:
-    return ApiError(503, "the server is warming up (compiling); retry shortly", code="unavailable",
-                    headers={"Retry-After": "1"})
-
-
-async def health_ready(call: Call, rt: Runtime) -> Response:
-    if not rt.ready.is_set():
-        raise _not_ready()
-    return json_response(orjson.dumps({"ready": True}))
-
-
-def _model(call: Call) -> core.Surrogate:
-    name = call.params["model"]
+def model(name: str, version: str | None = None) -> core.Surrogate:
+    """The surrogate served as model ``name`` (and ``version``), or a 404 that suggests a name."""
     try:
         sur = core.get(name)
     except KeyError:
         close = difflib.get_close_matches(name, core.names(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else "; GET /v1/surrogates lists them"
         raise ApiError(404, f"unknown model {name!r}{hint}", code="unknown_surrogate", field="model") from None
-    version = call.params.get("version")
     if version is not None and version != VERSION:
         raise ApiError(404, f"model {name!r} has no version {version!r} (versions: {VERSION})", field="version")
     return sur
@@ -119,26 +83,6 @@ def describe_model(sur: core.Surrogate) -> dict[str, Any]:
     inputs = [_tensor("x")] + [_tensor(p.name) for p in sur.params] + [_tensor("cotangent")]
     outputs = [_tensor("spike"), _tensor("grad")] + ([_tensor("fun")] if sur.fun is not None else []) + [_tensor("vjp")]
     return {"name": sur.name, "versions": [VERSION], "platform": "jax", "inputs": inputs, "outputs": outputs}
-
-
-async def model_metadata(call: Call, rt: Runtime) -> Response:
-    return json_response(orjson.dumps(describe_model(_model(call))))
-
-
-async def model_ready(call: Call, rt: Runtime) -> Response:
-    sur = _model(call)
-    if not rt.ready.is_set():
-        raise _not_ready()
-    return json_response(orjson.dumps({"name": sur.name, "ready": True}))
-
-
-async def repository_index(call: Call, rt: Runtime) -> Response:
-    body = await call.body(64 * 1024)
-    if body.strip():
-        _json_object(body, "the body", 'e.g. {"ready": true}')
-    state = "READY" if rt.ready.is_set() else "UNAVAILABLE"
-    index = [{"name": s.name, "version": VERSION, "state": state, "reason": ""} for s in core.all_surrogates()]
-    return json_response(orjson.dumps(index))
 
 
 # -- infer ------------------------------------------------------------------------------------
@@ -213,21 +157,70 @@ def _decode_input(
     return name, a.reshape(shape), dtype, offset
 
 
-async def infer(call: Call, rt: Runtime) -> Response:
-    s = rt.settings
-    sur = _model(call)
-    body = await call.body(s.max_body_bytes, decode_content=True, into_buffer=True)
-    head_end = _head_end(call.header(b"inference-header-content-length"), len(body))
-    ticket = call.ticket
-    parsed = len(body) + json_parse_bytes(body[:head_end])
-    if ticket is not None:
-        ticket.require(parsed, f"decoding a {len(body)}-byte body")
-    req, outputs, jobs = await off_loop_if(len(body) > OFFLOAD_BYTES, _decode, sur, body, head_end, s)
-    rt.dataplane.admit_jobs(jobs, ticket, parsed, text=not all(b for _, b in outputs),
-                            where=lambda i: f"output {outputs[i][0]!r}", job_index=False)
-    results = await rt.dataplane.infer(jobs, "infer")
-    large = sum(j.size for j in jobs) > s.offload_elements
-    return await off_loop_if(large, _encode, call.header(b"accept-encoding"), req, sur, outputs, jobs, results)
+class V2Request:
+    __slots__ = ("model", "head_length", "accept_encoding", "inflate", "into_buffer")
+
+    def __init__(self, model: core.Surrogate, head_length: str | None, accept_encoding: str | None) -> None:
+        self.model = model
+        self.head_length = head_length
+        self.accept_encoding = accept_encoding
+        self.inflate = True
+        self.into_buffer = True
+
+
+class V2Decoded:
+    __slots__ = ("request", "req", "outputs", "jobs")
+
+    def __init__(self, request: V2Request, req: dict[str, Any], outputs: list[tuple[str, bool]],
+                 jobs: list[core.Job]) -> None:
+        self.request = request
+        self.req = req
+        self.outputs = outputs
+        self.jobs = jobs
+
+
+class V2Codec:
+    """``POST /v2/models/{model}[/versions/{version}]/infer``: the Open Inference Protocol's infer,
+    JSON tensors and Triton's binary tensor data extension, gzip/deflate both ways."""
+
+    protocol = "v2"
+    endpoint = "infer"
+    job_index = False
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    render_error = staticmethod(render_error)
+
+    def prepare(self, head: Head, limit: int) -> V2Request:
+        return V2Request(model(head.params["model"], head.params.get("version")),
+                         head.header(b"inference-header-content-length"), head.header(b"accept-encoding"))
+
+    def parse_bytes(self, request: V2Request, body: bytes) -> int:
+        end = _head_end(request.head_length, len(body))
+        return json_parse_bytes(body if end == len(body) else body[:end])
+
+    def decode(self, request: V2Request, body: bytes) -> V2Decoded:
+        head_end = _head_end(request.head_length, len(body))
+        req, outputs, jobs = _decode(request.model, body, head_end, self.settings)
+        return V2Decoded(request, req, outputs, jobs)
+
+    @staticmethod
+    def where(decoded: V2Decoded, i: int) -> str:
+        return f"output {decoded.outputs[i][0]!r}"
+
+    @staticmethod
+    def answer_bytes(decoded: V2Decoded) -> int:
+        text = not all(b for _, b in decoded.outputs)
+        total = 0
+        for job in decoded.jobs:
+            item = max(core.DTYPES[job.dtype].itemsize, 4)
+            total += answer_bytes(job.shape, item, json=text) * (2 if text else 1)
+        return total
+
+    def encode(self, decoded: V2Decoded, results: list[np.ndarray]) -> Answer:
+        return _encode(decoded.request.accept_encoding, decoded.req, decoded.request.model, decoded.outputs,
+                       decoded.jobs, results)
 
 
 def _head_end(raw: str | None, size: int) -> int:
@@ -416,7 +409,7 @@ def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_al
 
 
 def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogate, outputs: list[tuple[str, bool]],
-            jobs: list[core.Job], results: list[np.ndarray]) -> Response:
+            jobs: list[core.Job], results: list[np.ndarray]) -> Answer:
     descr: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
     for (name, binary), job, res in zip(outputs, jobs, results, strict=True):
@@ -452,7 +445,7 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
         z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
         parts = [b"".join([z.compress(p) for p in parts] + [z.flush()])]
         headers.append((b"content-encoding", encoding.encode()))
-    return Response(200, ctype, parts, headers)
+    return Answer(200, ctype, parts, headers)
 
 
 def _accepted_encoding(accept: str | None) -> str | None:

@@ -1,7 +1,7 @@
 """Process lifecycle: whether the server is shutting down.
 
 Set once, on SIGTERM, before the listener closes (``service.__main__``). While it is set the HTTP
-protocol (``service.httpproto``) answers every new request ``503`` with ``Connection: close``, so
+protocol (``service.server.httpproto``) answers every new request ``503`` with ``Connection: close``, so
 that load balancers and clients move on while in-flight requests finish; the app may read it too
 (for instance to report not-ready). A threading.Event, so that it can be read from any thread.
 """

@@ -16,11 +16,11 @@ Both answers have the service's error body. The connection is closed gracefully:
 sent, the write side shut, and whatever the client still sends is read and dropped for a short
 while, so that the client reads the answer instead of a connection reset.
 
-Use it with ``uvicorn.Config(http="service.httpproto:LimitedHttpToolsProtocol")`` (a string, so
+Use it with ``uvicorn.Config(http="service.server.httpproto:LimitedHttpToolsProtocol")`` (a string, so
 that ``--workers`` processes import it too). The limits come from :func:`configure`, or from the
 ``SURROGATE_*`` settings when it was not called (a worker process).
 
-While the server shuts down (:mod:`service.lifecycle`), every new request is answered ``503``
+While the server shuts down (:mod:`service.server.lifecycle`), every new request is answered ``503``
 with ``Connection: close`` instead of reaching the app, and idle connections are closed the same
 graceful way after a short grace period (a request already on its way gets the 503, not a reset).
 
@@ -41,7 +41,7 @@ from . import lifecycle
 __all__ = ["PROTOCOL", "LimitedHttpToolsProtocol", "configure"]
 
 #: The import string for ``uvicorn.Config(http=...)``.
-PROTOCOL = "service.httpproto:LimitedHttpToolsProtocol"
+PROTOCOL = "service.server.httpproto:LimitedHttpToolsProtocol"
 
 #: Seconds a refused connection keeps reading (and dropping) what the client still sends.
 LINGER_SECONDS = 2.0

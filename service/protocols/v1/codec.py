@@ -1,5 +1,6 @@
-"""Decode request bodies into jobs and encode results, with no per-element Python work on the
-common path.
+"""The ``/v1`` codec: JSON and ``.npy``/``.npz`` bodies into core jobs, results into JSON or ``.npy``,
+errors into ``{"error": {status, code, message, job, field}}``. No admission, limits or math here:
+those are the data plane's and the core's.
 
 JSON: the body is parsed by orjson (strict RFC 8259: no NaN/Infinity, no trailing commas) and each
 array turned into NumPy by ``np.asarray``. Booleans and nulls would be silently turned into numbers
@@ -20,21 +21,25 @@ import orjson
 import surrogate_core as core
 from surrogate_core._jobs import unknown_param_message
 
-from ...asgi import qualities
-from ...errors import ApiError
+from ...compute import Answer, Head
+from ...errors import ApiError, error_json
+from ..tensors import fastjson
+from ..tensors.arrays import (
+    RankError,
+    check_finite,
+    encode_json,
+    for_json,
+    has_literals,
+    json_array,
+    json_parse_bytes,
+    kind,
+    qualities,
+)
+from ..tensors.jsonout import PIECE, result_pieces
+from ..tensors.npy import NPY, NPZ, answer_bytes, decode_npy, decode_npz, npy_parts
 
-__all__ = [
-    "accepts_npy",
-    "encode_json",
-    "for_json",
-    "has_literals",
-    "job_from_binary",
-    "jobs_from_json",
-    "json_array",
-    "media_type",
-    "parse_json",
-    "result_dict",
-]
+__all__ = ["V1Codec", "accepts_npy", "job_from_binary", "jobs_from_json", "media_type", "parse_json",
+           "render_error", "result_dict"]
 
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
 
@@ -70,7 +75,7 @@ def parse_json(body: bytes) -> tuple[list[Any], bool]:
         _no_duplicate_keys(body, [d for d in doc if isinstance(d, dict)])
         return doc, False
     raise ApiError(
-        422, f"the body must be a job object or a list of job objects, got {_kind(doc)}", code="invalid_type"
+        422, f"the body must be a job object or a list of job objects, got {kind(doc)}", code="invalid_type"
     )
 
 
@@ -166,26 +171,6 @@ def _locate(body: bytes, kind: str) -> tuple[int | None, str | None, str | None]
     return None, None, None
 
 
-def has_literals(body: bytes) -> bool:
-    """Whether the raw body may hold ``true`` or ``false``, which NumPy would turn into 1.0 and 0.0.
-
-    (``null`` needs no scan: NumPy makes an object array of it, which the careful walk catches.)
-    Numbers contain neither ``t`` nor ``f``, so only their few occurrences (in keys and enum strings)
-    are looked at, each found by memchr; a body with very many is simply walked carefully.
-    """
-    for letter, word in ((b"t", b"true"), (b"f", b"false")):
-        i = body.find(letter)
-        seen = 0
-        while i != -1:
-            if body.startswith(word, i):
-                return True
-            seen += 1
-            if seen > 10_000:
-                return True
-            i = body.find(letter, i + 1)
-    return False
-
-
 def _quoted_strings(body: bytes, limit: int) -> list[bytes] | None:
     """Every double-quoted string of a body without escapes, found by memchr; None past ``limit``."""
     out = []
@@ -199,127 +184,6 @@ def _quoted_strings(body: bytes, limit: int) -> list[bytes] | None:
             return None
         i = body.find(b'"', j + 1)
     return out
-
-
-def _kind(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, dict):
-        return "an object"
-    if isinstance(v, list):
-        return "a list"
-    return type(v).__name__
-
-
-class RankError(ValueError):
-    """A nested list deeper than the rank limit (``too_large``, as for binary arrays)."""
-
-
-def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.ndarray:
-    """A JSON number or rectangular nested list of numbers as a NumPy array (float64 or int64).
-
-    Raises ``ValueError`` with a message that points at the offending element (``x[1][2]: ...``),
-    ``RankError`` (a ``ValueError``) past ``max_rank``.
-    """
-    if isinstance(value, np.ndarray):  # decoded by the simdjson fast path: float64, rectangular
-        if value.ndim > max_rank:
-            raise RankError(f"{field}: rank {value.ndim} exceeds the limit of {max_rank}")
-        return value
-    if isinstance(value, bool) or value is None or not isinstance(value, (int, float, list)):
-        raise ValueError(f"{field}: expected a number or a nested list of numbers, got {_kind(value)}")
-    if not isinstance(value, list):
-        if isinstance(value, int) and abs(value) >= 2**63:
-            return _big_int(value, field)
-        return np.asarray(float(value))
-    if not careful:
-        try:
-            a = np.asarray(value)
-        except (ValueError, TypeError, OverflowError):
-            a = None
-        if a is not None and a.dtype.kind in "if":
-            if a.ndim > max_rank:
-                raise RankError(f"{field}: rank {a.ndim} exceeds the limit of {max_rank}")
-            # a JSON number is read as the nearest float64 (as the simdjson path and most JSON
-            # readers do), then cast to the job's dtype: integers take the same route as decimals
-            return a if a.dtype.kind == "f" else a.astype(np.float64)
-    shape = _walk(value, field, max_rank)
-    try:
-        return np.asarray(value, dtype=np.float64).reshape(shape)
-    except OverflowError:
-        raise ValueError(f"{field}: an integer is too large for a float64") from None
-
-
-def _big_int(v: int, field: str) -> np.ndarray:
-    try:
-        return np.asarray(float(v))
-    except OverflowError:
-        raise ValueError(f"{field}: integer {v} is too large for a float64") from None
-
-
-def _walk(value: Any, path: str, max_rank: int) -> tuple[int, ...]:
-    """Check a nested list is rectangular and all numbers; return its shape.
-
-    Depth-first, so the first offending element is reported with its index path (``x[1][2]``).
-    """
-    shape: list[int] = []
-    v: Any = value
-    while isinstance(v, list):  # the shape is read off the first element at each depth
-        shape.append(len(v))
-        if len(shape) > max_rank:
-            raise RankError(f"{path}: rank exceeds the limit of {max_rank}")
-        if not v:
-            break
-        v = v[0]
-
-    def check(node: Any, depth: int, idx: list[int]) -> None:
-        if depth == len(shape):
-            if isinstance(node, list):
-                raise ValueError(f"{_at(path, idx)}: ragged nested list (a list where a number belongs)")
-            if isinstance(node, bool) or node is None or not isinstance(node, (int, float)):
-                raise ValueError(f"{_at(path, idx)}: expected a number, got {_kind(node)}")
-            return
-        if not isinstance(node, list):
-            raise ValueError(f"{_at(path, idx)}: ragged nested list (a number where a list belongs)")
-        if len(node) != shape[depth]:
-            raise ValueError(
-                f"{_at(path, idx)}: ragged nested list (length {len(node)}, expected {shape[depth]})"
-            )
-        if depth + 1 == len(shape):
-            for i, e in enumerate(node):
-                if type(e) is not float and (type(e) is not int):
-                    check(e, depth + 1, idx + [i])
-            return
-        for i, e in enumerate(node):
-            check(e, depth + 1, idx + [i])
-
-    check(value, 0, [])
-    return tuple(shape)
-
-
-def _at(path: str, idx: list[int]) -> str:
-    return path + "".join(f"[{i}]" for i in idx)
-
-
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-
-
-def for_json(a: np.ndarray) -> Any:
-    """A result as JSON writes it: float32 or float64 (float16 and bfloat16 widen exactly to float32),
-    contiguous; a 0-d result as its scalar."""
-    if a.dtype != _F32 and a.dtype != _F64:
-        a = a.astype(np.float32)  # float16 and bfloat16 widen exactly to float32
-    if a.ndim == 0:
-        return a[()]
-    return np.ascontiguousarray(a)
-
-
-def encode_json(payload: Any) -> bytes:
-    """orjson with NumPy arrays serialised natively (float32 with its shortest round-trip repr)."""
-    return orjson.dumps(payload, option=_NUMPY_JSON)
 
 
 def result_dict(op_key: str, surrogate: str, dtype: str, arr: np.ndarray) -> dict[str, Any]:
@@ -339,7 +203,7 @@ def jobs_from_json(
     total = 0
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):
-            raise ApiError(422, f"job {i}: must be a JSON object, got {_kind(doc)}", job=i, code="invalid_type")
+            raise ApiError(422, f"job {i}: must be a JSON object, got {kind(doc)}", job=i, code="invalid_type")
         job = _job_from_json(i, doc, endpoint, careful=careful, limits=limits)
         total += job.size
         if total > max_elements:
@@ -388,7 +252,7 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
         raise fail("x", "is required", "missing_field")
     surrogate = doc.get("surrogate", core.DEFAULT_SURROGATE)
     if not isinstance(surrogate, str):
-        raise fail("surrogate", f"must be a string, got {_kind(surrogate)}", "invalid_type")
+        raise fail("surrogate", f"must be a string, got {kind(surrogate)}", "invalid_type")
     sur = _surrogate(i, surrogate)
     dtype = doc.get("dtype", core.DEFAULT_DTYPE)
     if not isinstance(dtype, str) or dtype not in core.DTYPES:
@@ -421,8 +285,6 @@ def job_from_binary(
 ) -> core.Job:
     """One job from an ``.npy`` (x) or ``.npz`` (x, parameters, cotangent) body plus the query string
     (surrogate, dtype and scalar parameters)."""
-    from ...binary import NPY, decode_npy, decode_npz
-
     def fail(field: str | None, message: str, code: str = "invalid_value") -> ApiError:
         return _fail(0, field, message, code)
 
@@ -487,3 +349,125 @@ def _unknown(key: str, sur: core.Surrogate, endpoint: str) -> str:
     if key == "cotangent":
         return f"only /v1/grad takes a cotangent; /v1/{endpoint} does not"
     return unknown_param_message(key, sur)
+
+
+JSON = "application/json"
+_MEDIA = (JSON, NPY, NPZ)
+_NPY = NPY.encode()
+_JSON = JSON.encode()
+
+
+def render_error(err: ApiError) -> Answer:
+    headers = [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+    return Answer(err.status, _JSON, (error_json(err),), headers)
+
+
+class V1Request:
+    """What ``prepare`` learns from the head: media type, answer type, query, body options."""
+
+    __slots__ = ("media", "npy", "query", "inflate", "into_buffer")
+
+    def __init__(self, media: str, npy: bool, query: list[tuple[str, str]]) -> None:
+        self.media = media
+        self.npy = npy
+        self.query = query
+        self.inflate = False
+        self.into_buffer = media != JSON
+
+
+class V1Decoded:
+    __slots__ = ("jobs", "single", "npy")
+
+    def __init__(self, jobs: list[core.Job], single: bool, npy: bool) -> None:
+        self.jobs = jobs
+        self.single = single
+        self.npy = npy
+
+
+class V1Codec:
+    """``POST /v1/{endpoint}``: one job object or a list of them as JSON, or one job as ``.npy`` /
+    ``.npz``; answered as JSON, or ``.npy`` on ``Accept: application/x-npy``."""
+
+    protocol = "v1"
+    job_index = True
+
+    def __init__(self, endpoint: str, settings: Any) -> None:
+        self.endpoint = endpoint
+        self.max_rank = settings.max_rank
+        self.max_elements = settings.max_elements
+        self.max_jobs = settings.max_jobs
+
+    render_error = staticmethod(render_error)
+
+    def prepare(self, head: Head, limit: int) -> V1Request:
+        mt = media_type(head.header(b"content-type"), _MEDIA)
+        query = head.query
+        if mt == JSON and query:
+            key = query[0][0]
+            raise ApiError(
+                422, f"query parameter {key!r}: the query string is for binary bodies; put fields in the JSON job",
+                field=key, code="unknown_field",
+            )
+        return V1Request(mt, accepts_npy(head.header(b"accept")), query)
+
+    def parse_bytes(self, request: V1Request, body: bytes) -> int:
+        return json_parse_bytes(body) if request.media == JSON else 0
+
+    def decode(self, request: V1Request, body: bytes) -> V1Decoded:
+        if request.media == JSON:
+            careful = has_literals(body)
+            fast = None if careful else fastjson.decode(body, max_rank=self.max_rank)
+            docs, single = fast if fast is not None else parse_json(body)
+            jobs = jobs_from_json(docs, self.endpoint, careful=careful, max_rank=self.max_rank,
+                                  max_elements=self.max_elements, max_jobs=self.max_jobs)
+        else:
+            jobs = [job_from_binary(self.endpoint, request.media, body, request.query, max_rank=self.max_rank,
+                                    max_elements=self.max_elements)]
+            single = True
+        if request.npy and not single:
+            raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
+        return V1Decoded(jobs, single, request.npy)
+
+    @staticmethod
+    def where(decoded: V1Decoded, i: int) -> str:
+        return f"job {i}"
+
+    @staticmethod
+    def answer_bytes(decoded: V1Decoded) -> int:
+        text = not decoded.npy
+        total = 0
+        for job in decoded.jobs:
+            item = max(core.DTYPES[job.dtype].itemsize, 4)
+            total += answer_bytes(job.shape, item, json=text) * (2 if text else 1)
+        return total
+
+    def encode(self, decoded: V1Decoded, results: list[Any]) -> Answer:
+        jobs, endpoint = decoded.jobs, self.endpoint
+        if decoded.npy:
+            job, res = jobs[0], results[0]
+            check_finite(job, res, text=False, where="job 0", job_index=0, hint="")
+            return Answer(200, _NPY, npy_parts(res),
+                          [(b"x-surrogate-dtype", job.dtype.encode()), (b"x-surrogate-name", job.surrogate.encode())])
+        hint = f"ask for 'Accept: {NPY}'"
+        for i, (job, res) in enumerate(zip(jobs, results, strict=True)):
+            check_finite(job, res, text=True, where=f"job {i}", job_index=i, hint=hint)
+        if not any(_large(r) for r in results):
+            out = [result_dict(endpoint, job.surrogate, job.dtype, res) for job, res in zip(jobs, results, strict=True)]
+            return Answer(200, _JSON, (encode_json(out[0] if decoded.single else out),))
+        pieces: list[bytes] = [] if decoded.single else [b"["]
+        for i, (job, res) in enumerate(zip(jobs, results, strict=True)):
+            if i:
+                pieces.append(b",")
+            fields = {"surrogate": job.surrogate, "dtype": job.dtype, "shape": list(res.shape)}
+            pieces += result_pieces(fields, endpoint, for_json(res))
+        if not decoded.single:
+            pieces.append(b"]")
+        return Answer(200, _JSON, pieces)
+
+
+def _large(a: Any) -> bool:
+    """Whether an answer is written in pieces: many elements, or many (nested) empty lists."""
+    if a.size:
+        return a.size > PIECE
+    shape = a.shape
+    return a.ndim > 1 and math.prod(shape[: shape.index(0)]) > 1024

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npformat
 
-from .errors import ApiError
+from ...errors import ApiError
 
 __all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "answer_bytes", "decode_npy", "decode_npz", "npy_parts"]
 

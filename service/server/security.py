@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from .errors import ApiError
+from ..errors import ApiError
 
 __all__ = ["check_token", "token_digests"]
 

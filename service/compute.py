@@ -1,0 +1,269 @@
+"""The compute endpoints as raw ASGI routes inside FastAPI's router.
+
+A path operation builds a ``Request``, resolves dependencies and serializes a return value, about
+0.3 ms per request; a compute request is answered by ``ComputeEndpoint`` straight from the ASGI
+scope instead (the route and its contract are still FastAPI's: see ``service.routes``). Per request:
+the bearer token (when configured), the codec's ``prepare`` (media types, model), admission by the
+data plane (concurrency, deadline, memory), the body read by one bounded loop, the data plane's
+``serve`` (decode -> limits -> infer -> encode), the answer's ``send``; every error in between is
+rendered by the codec's ``render_error`` and every request is counted once in the metrics.
+
+What the codecs receive is read-only: a ``Head`` (headers, query, path parameters). What happens to
+the request is told by return values and exceptions, not by flags on a shared object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+from .errors import ApiError
+from .server.security import check_token
+
+__all__ = ["CHUNK", "Answer", "ClientGone", "Codec", "ComputeEndpoint", "Head", "SendTimeout", "read_body"]
+
+log = logging.getLogger("service.errors")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read whole (answered by nothing; counted as 499)."""
+
+
+class SendTimeout(Exception):
+    """The client stopped reading the answer for longer than the send timeout (cut off; counted)."""
+
+
+#: Answers are handed to the server in pieces of at most this size: the server waits for a slow
+#: reader between pieces, so a client that stops reading holds one piece, not the whole answer.
+CHUNK = 1 << 20
+
+
+class Head:
+    """A request's head as the codecs see it: headers (lower-case names, latin-1 values; the last
+    of a repeated header), the query string and the route's path parameters."""
+
+    __slots__ = ("_headers", "_query", "params")
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self._headers: dict[bytes, bytes] = dict(scope["headers"])
+        self._query: bytes = scope.get("query_string", b"")
+        self.params: dict[str, str] = scope.get("path_params") or {}
+
+    def header(self, name: bytes) -> str | None:
+        v = self._headers.get(name)
+        return None if v is None else v.decode("latin-1")
+
+    @property
+    def query(self) -> list[tuple[str, str]]:
+        qs = self._query
+        return parse_qsl(qs.decode("latin-1"), keep_blank_values=True) if qs else []
+
+
+class Answer:
+    """One answer: status, headers and the body as one or more byte chunks (sent without joining)."""
+
+    __slots__ = ("status", "headers", "chunks", "length")
+
+    def __init__(self, status: int, content_type: bytes, chunks: Iterable[bytes | memoryview],
+                 headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self.status = status
+        self.chunks = list(chunks)
+        self.length = sum(len(c) for c in self.chunks)
+        self.headers = [(b"content-type", content_type), (b"content-length", str(self.length).encode()), *headers]
+
+    async def send(self, send: Send, timeout: float | None = None) -> None:
+        """Hand the answer to the server; ``SendTimeout`` when a piece waits on the reader longer
+        than ``timeout`` (small answers are handed over at once and need no timer)."""
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        pieces = [c for c in self.chunks if len(c)]
+        if not pieces:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if len(pieces) == 1 and self.length <= CHUNK:
+            await send({"type": "http.response.body", "body": pieces[0]})
+            return
+        last = len(pieces) - 1
+        for i, chunk in enumerate(pieces):
+            if len(chunk) <= CHUNK:
+                await _send_piece(send, chunk, i < last, timeout)
+                continue
+            view = memoryview(chunk)
+            for o in range(0, len(view), CHUNK):
+                await _send_piece(send, view[o:o + CHUNK], i < last or o + CHUNK < len(view), timeout)
+
+
+async def _send_piece(send: Send, piece: bytes | memoryview, more: bool, timeout: float | None) -> None:
+    message = {"type": "http.response.body", "body": piece, "more_body": more}
+    if timeout is None:
+        await send(message)
+        return
+    try:
+        async with asyncio.timeout(timeout):  # the server waits here while the client does not read
+            await send(message)
+    except TimeoutError:
+        raise SendTimeout() from None
+
+
+class Ticket(Protocol):
+    def require(self, total: int, what: str, *, status: int = 422) -> None: ...
+
+
+async def read_body(receive: Receive, head: Head, limit: int, ticket: Ticket, *, inflate: bool = False,
+                    into_buffer: bool = False) -> bytes:
+    """The whole body, refusing (413) as soon as the declared, received or (with ``inflate``)
+    inflated size passes ``limit``, and holding its bytes in ``ticket`` before they are allocated.
+    ``Content-Encoding: gzip`` / ``deflate`` bodies are inflated incrementally, so a compression
+    bomb costs at most ``limit`` bytes. With ``into_buffer``, a body of declared length arrives in
+    one ``bytearray`` (no chunks joined after: half the peak memory of a large upload)."""
+    raw = head.header(b"content-length")
+    declared: int | None = None
+    if raw is not None:
+        try:
+            declared = int(raw)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not an integer") from None
+        if declared > limit:
+            raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes", field="body")
+        ticket.require(declared, f"a request body of {declared} bytes", status=413)
+    inflater = None
+    if inflate:
+        enc = (head.header(b"content-encoding") or "identity").strip().lower()
+        if enc == "gzip":
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif enc == "deflate":
+            inflater = zlib.decompressobj()
+        elif enc != "identity":
+            raise ApiError(415, f"unsupported Content-Encoding {enc!r}; send gzip, deflate or identity")
+    if inflater is None and declared is not None and declared <= 1 << 16:
+        message = await receive()  # the common case: a small body in one message
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        if not message.get("more_body", False):
+            body = message.get("body", b"")
+            if len(body) > declared:
+                raise ApiError(400, f"the body is longer than its Content-Length of {declared} bytes")
+            return body
+        chunks = [message.get("body", b"")]
+        size = len(chunks[0])
+    else:
+        chunks, size = [], 0
+    # a declared body of some size is received into one buffer (no list of chunks joined after)
+    whole = (bytearray(declared) if into_buffer and declared is not None and inflater is None
+             and declared > 1 << 16 else None)
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        if inflater is not None and chunk:
+            try:
+                chunk = inflater.decompress(chunk, limit - size + 1)
+                if inflater.unconsumed_tail:
+                    raise ApiError(413, f"the inflated request body is over the limit of {limit} bytes", field="body")
+            except zlib.error as exc:
+                encoding = head.header(b"content-encoding")
+                raise ApiError(400, f"the body is not valid {encoding} data: {exc}") from None
+        size += len(chunk)
+        if size > limit:
+            what = "inflated request body" if inflater is not None else "request body"
+            raise ApiError(413, f"the {what} is over the limit of {limit} bytes", field="body")
+        if declared is None or inflater is not None:
+            ticket.require(size + (declared if inflater is not None and declared else 0),
+                           f"a request body of {size} bytes", status=413)
+        if whole is not None:
+            if size > len(whole):
+                raise ApiError(400, f"the body is longer than its Content-Length of {len(whole)} bytes")
+            whole[size - len(chunk):size] = chunk
+        elif chunk:
+            chunks.append(chunk)
+    if whole is not None:
+        if size != len(whole):
+            raise ApiError(400, f"the body ended after {size} of its {len(whole)} declared bytes")
+        return whole  # type: ignore[return-value]  # bytes-like: what the decoders read
+    if inflater is not None and not inflater.eof:
+        raise ApiError(400, f"the {head.header(b'content-encoding')} body is truncated")
+    if declared is not None and inflater is None and size > declared:
+        raise ApiError(400, f"the body is longer than its Content-Length of {declared} bytes")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class Codec(Protocol):
+    """A protocol's codec: bytes into jobs and results into bytes (LitServe's ``decode_request`` /
+    ``encode_response``, KServe's decode -> infer -> encode). It knows no admission, limits or
+    batching: those are the data plane's, which runs ``decode``, ``encode`` (and the rest) itself."""
+
+    protocol: str  # "v1" or "v2": the error shape and the metrics' protocol label
+    endpoint: str  # the metrics' elements label ("spike", "grad", "fun", "infer")
+    job_index: bool  # whether errors name a job index
+
+    def prepare(self, head: Head, limit: int) -> Any: ...
+    def parse_bytes(self, request: Any, body: bytes) -> int: ...
+    def decode(self, request: Any, body: bytes) -> Any: ...
+    def where(self, decoded: Any, i: int) -> str: ...
+    def answer_bytes(self, decoded: Any) -> int: ...
+    def encode(self, decoded: Any, results: list[Any]) -> Answer: ...
+    def render_error(self, err: ApiError) -> Answer: ...
+
+
+class ComputeEndpoint:
+    """The raw ASGI app of one compute route (a codec over the runtime's data plane)."""
+
+    def __init__(self, codec: Codec, runtime: Any, label: str) -> None:
+        self.codec = codec
+        self.rt = runtime
+        self.label = label  # the route template: the metrics' endpoint label
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        rt, codec = self.rt, self.codec
+        dp = rt.dataplane
+        status = 500
+        state = 0  # 0: nothing read yet, 1: the body read whole, 2: the answer started
+        try:
+            head = Head(scope)
+            if rt.token_digests:
+                check_token(rt.token_digests, head.header(b"authorization"))
+            limit = rt.settings.max_body_bytes
+            request = codec.prepare(head, limit)
+            async with dp.admission() as ticket:
+                body = await read_body(receive, head, limit, ticket, inflate=request.inflate,
+                                       into_buffer=request.into_buffer)
+                state = 1
+                answer = await dp.serve(codec, request, body, ticket)
+                del body
+                status = answer.status
+                state = 2
+                await answer.send(send, rt.settings.send_timeout if answer.length > CHUNK else None)
+        except ApiError as err:
+            if err.code == "timeout" and state == 0:  # still uploading: a slow client, not a slow server
+                err = ApiError(408, f"the request body did not arrive within {rt.settings.request_timeout} s",
+                               code="request_timeout", headers={"Connection": "close"}, reason="request_timeout")
+            if err.reason:
+                dp.metrics.reject(err.reason)
+            if state < 2:
+                answer = codec.render_error(err)
+                status = answer.status
+                await answer.send(send)
+        except ClientGone:  # gone mid-upload: nothing to answer; counted as 499 (as nginx does)
+            dp.metrics.reject("client_disconnect")
+            status = 499
+        except SendTimeout:  # stopped reading the answer: cut off, its memory freed; counted as 499
+            dp.metrics.reject("send_timeout")
+            status = 499
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if state < 2:
+                await codec.render_error(ApiError(500, "internal error; the server log has the details")).send(send)
+            status = 500
+        finally:
+            dp.metrics.observe_request(self.label, codec.protocol, status, time.perf_counter() - t0)

@@ -1,0 +1,248 @@
+"""What every protocol shares to read JSON tensors and to write results: a JSON number or nested list
+into a NumPy array (with an error that points at the offending element), the scan for the ``true`` /
+``false`` literals that NumPy would silently take for numbers, the memory a general JSON parse makes
+of a body, results as JSON writes them, and whether a result can be sent at all. Owned by no
+protocol."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from ...errors import ApiError
+
+if TYPE_CHECKING:
+    import surrogate_core as core
+
+__all__ = [
+    "MAX_JSON_ARRAYS",
+    "RankError",
+    "check_finite",
+    "encode_json",
+    "for_json",
+    "has_literals",
+    "is_finite",
+    "json_array",
+    "json_parse_bytes",
+    "kind",
+    "qualities",
+]
+
+_NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
+
+def has_literals(body: bytes) -> bool:
+    """Whether the raw body may hold ``true`` or ``false``, which NumPy would turn into 1.0 and 0.0.
+
+    (``null`` needs no scan: NumPy makes an object array of it, which the careful walk catches.)
+    Numbers contain neither ``t`` nor ``f``, so only their few occurrences (in keys and enum strings)
+    are looked at, each found by memchr; a body with very many is simply walked carefully.
+    """
+    for letter, word in ((b"t", b"true"), (b"f", b"false")):
+        i = body.find(letter)
+        seen = 0
+        while i != -1:
+            if body.startswith(word, i):
+                return True
+            seen += 1
+            if seen > 10_000:
+                return True
+            i = body.find(letter, i + 1)
+    return False
+
+
+
+def kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, dict):
+        return "an object"
+    if isinstance(v, list):
+        return "a list"
+    return type(v).__name__
+
+
+class RankError(ValueError):
+    """A nested list deeper than the rank limit (``too_large``, as for binary arrays)."""
+
+
+def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.ndarray:
+    """A JSON number or rectangular nested list of numbers as a NumPy array (float64 or int64).
+
+    Raises ``ValueError`` with a message that points at the offending element (``x[1][2]: ...``),
+    ``RankError`` (a ``ValueError``) past ``max_rank``.
+    """
+    if isinstance(value, np.ndarray):  # decoded by the simdjson fast path: float64, rectangular
+        if value.ndim > max_rank:
+            raise RankError(f"{field}: rank {value.ndim} exceeds the limit of {max_rank}")
+        return value
+    if isinstance(value, bool) or value is None or not isinstance(value, (int, float, list)):
+        raise ValueError(f"{field}: expected a number or a nested list of numbers, got {kind(value)}")
+    if not isinstance(value, list):
+        if isinstance(value, int) and abs(value) >= 2**63:
+            return _big_int(value, field)
+        return np.asarray(float(value))
+    if not careful:
+        try:
+            a = np.asarray(value)
+        except (ValueError, TypeError, OverflowError):
+            a = None
+        if a is not None and a.dtype.kind in "if":
+            if a.ndim > max_rank:
+                raise RankError(f"{field}: rank {a.ndim} exceeds the limit of {max_rank}")
+            # a JSON number is read as the nearest float64 (as the simdjson path and most JSON
+            # readers do), then cast to the job's dtype: integers take the same route as decimals
+            return a if a.dtype.kind == "f" else a.astype(np.float64)
+    shape = _walk(value, field, max_rank)
+    try:
+        return np.asarray(value, dtype=np.float64).reshape(shape)
+    except OverflowError:
+        raise ValueError(f"{field}: an integer is too large for a float64") from None
+
+
+def _big_int(v: int, field: str) -> np.ndarray:
+    try:
+        return np.asarray(float(v))
+    except OverflowError:
+        raise ValueError(f"{field}: integer {v} is too large for a float64") from None
+
+
+def _walk(value: Any, path: str, max_rank: int) -> tuple[int, ...]:
+    """Check a nested list is rectangular and all numbers; return its shape.
+
+    Depth-first, so the first offending element is reported with its index path (``x[1][2]``).
+    """
+    shape: list[int] = []
+    v: Any = value
+    while isinstance(v, list):  # the shape is read off the first element at each depth
+        shape.append(len(v))
+        if len(shape) > max_rank:
+            raise RankError(f"{path}: rank exceeds the limit of {max_rank}")
+        if not v:
+            break
+        v = v[0]
+
+    def check(node: Any, depth: int, idx: list[int]) -> None:
+        if depth == len(shape):
+            if isinstance(node, list):
+                raise ValueError(f"{_at(path, idx)}: ragged nested list (a list where a number belongs)")
+            if isinstance(node, bool) or node is None or not isinstance(node, (int, float)):
+                raise ValueError(f"{_at(path, idx)}: expected a number, got {kind(node)}")
+            return
+        if not isinstance(node, list):
+            raise ValueError(f"{_at(path, idx)}: ragged nested list (a number where a list belongs)")
+        if len(node) != shape[depth]:
+            raise ValueError(
+                f"{_at(path, idx)}: ragged nested list (length {len(node)}, expected {shape[depth]})"
+            )
+        if depth + 1 == len(shape):
+            for i, e in enumerate(node):
+                if type(e) is not float and (type(e) is not int):
+                    check(e, depth + 1, idx + [i])
+            return
+        for i, e in enumerate(node):
+            check(e, depth + 1, idx + [i])
+
+    check(value, 0, [])
+    return tuple(shape)
+
+
+def _at(path: str, idx: list[int]) -> str:
+    return path + "".join(f"[{i}]" for i in idx)
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def for_json(a: np.ndarray) -> Any:
+    """A result as JSON writes it: float32 or float64 (float16 and bfloat16 widen exactly to float32),
+    contiguous; a 0-d result as its scalar."""
+    if a.dtype != _F32 and a.dtype != _F64:
+        a = a.astype(np.float32)  # float16 and bfloat16 widen exactly to float32
+    if a.ndim == 0:
+        return a[()]
+    return np.ascontiguousarray(a)
+
+
+def encode_json(payload: Any) -> bytes:
+    """orjson with NumPy arrays serialised natively (float32 with its shortest round-trip repr)."""
+    return orjson.dumps(payload, option=_NUMPY_JSON)
+
+#: body of 16 million one-element rows would hold the interpreter for seconds. Larger nested
+#: arrays travel as ``.npy``.
+MAX_JSON_ARRAYS = 1 << 17
+
+
+def json_parse_bytes(body: bytes) -> int:
+    """An upper estimate of the memory a general JSON parser makes of ``body`` (a Python object and
+    a list slot per number, a list per bracket), counted at C speed before parsing; a body of more
+    than ``MAX_JSON_ARRAYS`` arrays is refused here."""
+    commas, brackets = body.count(b","), body.count(b"[")
+    if brackets > MAX_JSON_ARRAYS:
+        raise ApiError(
+            422,
+            f"the JSON body holds {brackets} arrays, over the limit of {MAX_JSON_ARRAYS}; send large nested arrays "
+            "as .npy (application/x-npy)",
+            field="x", code="too_large",
+        )
+    return 40 * (commas + 1) + 72 * brackets
+
+
+
+def _isfinite(a: np.ndarray) -> np.ndarray:
+    # bfloat16 (ml_dtypes) is not a NumPy float kind: widen it (exactly) to float32 first
+    return np.isfinite(a if a.dtype.kind == "f" else a.astype(np.float32))
+
+
+def is_finite(a: np.ndarray) -> bool:
+    return a.size == 0 or bool(_isfinite(a).all())
+
+
+def check_finite(
+    job: core.Job, result: np.ndarray, *, text: bool, where: str, job_index: int | None, hint: str
+) -> None:
+    """Raise ``not_representable`` when ``result`` overflowed (non-finite where every input was
+    finite), or, for a text answer (JSON cannot carry them), holds NaN or infinity at all."""
+    if is_finite(result):
+        return
+    finite = np.ones(result.shape, bool)
+    for a in (job.x, job.cotangent, *job.params.values()):
+        if a is not None:
+            finite &= _isfinite(a)
+    if bool((~_isfinite(result) & finite).any()):
+        raise ApiError(
+            422,
+            f"{where}: the result is not finite in {job.dtype} (overflow for these values); "
+            "use a wider dtype or smaller values",
+            job=job_index, field="dtype", code="not_representable",
+        )
+    if text:
+        raise ApiError(
+            422,
+            f"{where}: the result holds NaN or infinity (from NaN/inf in the input), which JSON cannot carry; {hint}",
+            job=job_index, field="x", code="not_representable",
+        )
+
+
+def qualities(header: str | None) -> dict[str, float]:
+    """An ``Accept``-style header as ``{token: q}`` (tokens lower-cased; the best q of a repeated
+    token; an unreadable q counts as 0)."""
+    out: dict[str, float] = {}
+    for part in (header or "").split(","):
+        fields = [f.strip() for f in part.split(";")]
+        token, q = fields[0].lower(), 1.0
+        if not token:
+            continue
+        for f in fields[1:]:
+            if f.lower().startswith("q="):
+                try:
+                    q = float(f[2:])
+                except ValueError:
+                    q = 0.0
+        out[token] = max(out.get(token, -1.0), q)
+    return out
