@@ -231,6 +231,15 @@ class Engine:
     def _plan(self, jobs: Sequence[Job]) -> list[_Group]:
         """Group jobs by (op, surrogate, dtype) and choose each group's bucket and layout: what
         :meth:`run` computes and :meth:`is_compiled` checks."""
+        if len(jobs) == 1:  # the common case, planned without grouping
+            job = jobs[0]
+            n = job.size
+            sname = "*" if job.op == "spike" else job.surrogate
+            if n == 0:
+                return [_Group(job.op, sname, job.dtype, [0], [job], [0], 0, 0, [], ())]
+            extras = self._extras(job)
+            layout = tuple(e.size != 1 for e in extras)
+            return [_Group(job.op, sname, job.dtype, [0], [job], [n], n, self.bucket(n), [extras], layout)]
         by: dict[tuple[str, str, str], list[int]] = {}
         for i, job in enumerate(jobs):
             sname = "*" if job.op == "spike" else job.surrogate
@@ -275,9 +284,11 @@ class Engine:
     # -- evaluation ---------------------------------------------------------------------------
     def run(self, jobs: Sequence[Job]) -> list[np.ndarray]:
         """Evaluate jobs; one device call per distinct (op, surrogate, dtype). Results in order."""
-        out: list[np.ndarray | None] = [None] * len(jobs)
         last = self._last_plan
         plan = last[1] if last is not None and last[0] is jobs else self._plan(jobs)
+        if len(plan) == 1:  # one group holds every job, in order
+            return self._run_group(plan[0])
+        out: list[np.ndarray | None] = [None] * len(jobs)
         for g in plan:
             for i, r in zip(g.idx, self._run_group(g), strict=True):
                 out[i] = r
@@ -286,8 +297,8 @@ class Engine:
     def _extras(self, job: Job) -> list[np.ndarray]:
         if job.op == "spike":
             return []
-        sur = _registry.get(job.surrogate)
-        extras = [job.params[p] for p in sur.param_names]
+        params = job.params
+        extras = [params[p] for p in _registry.get(job.surrogate).param_names]
         if job.op == "vjp":
             assert job.cotangent is not None
             extras.append(job.cotangent)
@@ -296,27 +307,14 @@ class Engine:
     def _run_group(self, g: _Group) -> list[np.ndarray]:
         dt = DTYPES[g.dtype]
         jobs, sizes, bucket = g.jobs, g.sizes, g.bucket
-        with self._lock:
-            self.stats.jobs += len(jobs)
         if g.key is None:
+            with self._lock:
+                self.stats.jobs += len(jobs)
             return [np.zeros(j.shape, dt) for j in jobs]
-
-        def flat(arrays: list[np.ndarray], fill: float) -> np.ndarray:
-            if len(jobs) == 1 and arrays[0].shape == (bucket,) and arrays[0].flags.c_contiguous:
-                return arrays[0]
-            buf = np.empty(bucket, dt)
-            o = 0
-            for a, j, n in zip(arrays, jobs, sizes, strict=True):
-                if n:
-                    np.copyto(buf[o:o + n].reshape(j.shape), a)
-                o += n
-            buf[o:] = fill
-            return buf
-
-        args = [flat([j.x for j in jobs], 0)]
+        args = [_flat([j.x for j in jobs], jobs, sizes, bucket, dt, 0)]
         for k, full in enumerate(g.layout):
             if full:
-                args.append(flat([e[k] for e in g.extras], 1))
+                args.append(_flat([e[k] for e in g.extras], jobs, sizes, bucket, dt, 1))
             else:
                 args.append(np.asarray(g.extras[0][k], dt).reshape(()))
         exe = self._executable(g.key)
@@ -326,15 +324,45 @@ class Engine:
         else:
             result = np.asarray(exe(*args))
         with self._lock:
-            self.stats.device_calls += 1
-            self.stats.elements += g.total
-            self.stats.padded_elements += bucket
+            st = self.stats
+            st.jobs += len(jobs)
+            st.device_calls += 1
+            st.elements += g.total
+            st.padded_elements += bucket
+        if len(jobs) == 1:
+            n = sizes[0]
+            return [(result if n == bucket else result[:n]).reshape(jobs[0].shape)]
         outs = []
         o = 0
         for j, n in zip(jobs, sizes, strict=True):
             outs.append(result[o:o + n].reshape(j.shape))
             o += n
         return outs
+
+
+def _flat(arrays: list[np.ndarray], jobs: list[Job], sizes: list[int], bucket: int, dt: np.dtype,
+          fill: float) -> np.ndarray:
+    """The arrays, each broadcast to its job's shape, one after the other in a buffer of ``bucket``
+    elements, the rest ``fill`` (a value every formula takes without overflow)."""
+    if len(jobs) == 1:
+        a, shape, n = arrays[0], jobs[0].shape, sizes[0]
+        if n == bucket and a.shape == shape and a.flags.c_contiguous:
+            return a.reshape(-1)
+        buf = np.empty(bucket, dt)
+        if a.shape == shape:
+            buf[:n] = a.reshape(-1)
+        else:
+            np.copyto(buf[:n].reshape(shape), a)
+        buf[n:] = fill
+        return buf
+    buf = np.empty(bucket, dt)
+    o = 0
+    for a, j, n in zip(arrays, jobs, sizes, strict=True):
+        if n:
+            np.copyto(buf[o:o + n].reshape(j.shape), a)
+        o += n
+    buf[o:] = fill
+    return buf
 
 
 def _layout_text(layout: tuple[bool, ...]) -> str:

@@ -7,6 +7,7 @@ the smooth surrogate function whose derivative the gradient is.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ class Surrogate:
     def cost_per_element(self, params: Mapping[str, Any]) -> float:
         return 1.0 if self.cost is None else max(1.0, float(self.cost(params)))
 
-    @property
+    @functools.cached_property
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 

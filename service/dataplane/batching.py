@@ -2,8 +2,10 @@
 
 Requests submit their jobs; jobs that arrive close together are concatenated into one engine call
 (one device call per op, surrogate and dtype) and the results split back, like Triton's dynamic
-batcher. When the batcher is idle a request is dispatched at once (no added latency); while it is
-busy, arrivals within ``max_delay`` seconds are gathered into the next batch. The queue is bounded:
+batcher. A request alone in the service is dispatched at once (no added latency); while others are in
+progress, the requests that reach the batcher in the same turn of the event loop are gathered into
+one batch (and, while a batch computes in a worker thread, the arrivals within ``max_delay``
+seconds). The queue is bounded:
 past ``max_queue`` waiting requests, ``submit`` refuses at once with ``Overloaded`` (503 with
 Retry-After) instead of letting latency grow without bound. Batches above ``offload_elements``
 and batches that need a variant not compiled yet compute in a worker thread, so neither large
@@ -73,7 +75,6 @@ class Batcher:
         self._handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._in_flight = 0  # batches computing in worker threads
         self._waiting = 0  # requests submitted and not yet answered
-        self._last_flush = 0.0
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -83,17 +84,17 @@ class Batcher:
 
     async def submit(self, jobs: Sequence[core.Job], *, alone: bool = False) -> list[np.ndarray]:
         """The results of ``jobs``. ``alone``: no other request is in progress, so there is nothing
-        to gather with (a warm, small batch then computes at once, inline)."""
+        to gather with (a warm, small batch then computes at once, inline). Otherwise the request
+        joins the next batch: every request that reaches the batcher in the same turn of the event
+        loop (or, while a batch computes in a worker thread, within ``max_delay``) is computed in
+        the same device call."""
         if self._waiting >= self.max_queue:
             self.stats.rejected += 1
             raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
-        loop = asyncio.get_running_loop()
         elements = sum(j.size for j in jobs)
-        if (alone or self._idle(loop)) and not self._pending and not self._in_flight \
+        if alone and not self._pending and not self._in_flight \
                 and elements <= self.offload_elements and self.engine.is_compiled(jobs):
-            # Nothing to gather with: answer at once, inline (no future, no extra turn of the event
-            # loop). Under load requests take the gathering path below.
-            self._last_flush = loop.time()
+            # Nothing to gather with: answer at once, inline (no future, no extra turn of the event loop).
             t0 = time.perf_counter()
             try:
                 results = self.engine.run(jobs)
@@ -102,6 +103,7 @@ class Batcher:
                 raise DeviceError(exc) from exc
             self._count_batch(1, elements, time.perf_counter() - t0)
             return results
+        loop = asyncio.get_running_loop()
         item = _Item(jobs, elements, loop.create_future())
         self._waiting += 1
         try:
@@ -114,17 +116,13 @@ class Batcher:
                     self._flush()
                 elif self._handle is None:
                     if self.max_delay <= 0 or not self._in_flight:
-                        # the device is free: gather what is ready in this turn of the loop, no more
+                        # the device is free: gather what arrives in this turn of the loop, no more
                         self._handle = loop.call_soon(self._flush)
                     else:  # the device is busy anyway: gather arrivals for a while
                         self._handle = loop.call_later(self.max_delay, self._flush)
             return await item.future
         finally:
             self._waiting -= 1
-
-    def _idle(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """No batch computing in a thread and none dispatched within the last ``max_delay``."""
-        return self._in_flight == 0 and loop.time() - self._last_flush >= self.max_delay
 
     def _count_batch(self, requests: int, elements: int, seconds: float) -> None:
         self.stats.batches += 1
@@ -141,7 +139,6 @@ class Batcher:
             self._handle.cancel()
             self._handle = None
         items, self._pending, self._pending_elements = self._pending, [], 0
-        self._last_flush = asyncio.get_running_loop().time()
         items = [it for it in items if not it.future.done()]  # cancelled while waiting
         if items:
             self._dispatch(items)
