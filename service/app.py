@@ -8,7 +8,7 @@ validation); every request is counted once in the metrics under its route templa
 
 The app is an ordinary FastAPI app: add middleware, routers and exception handlers to it, test it
 with ``TestClient``, or mount it in a larger application and run its lifespan from there
-(``app.router.lifespan_context``; see docs/deploy.md).
+(``app.router.lifespan_context``; see docs/embedding.md).
 """
 
 from __future__ import annotations

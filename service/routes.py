@@ -117,7 +117,9 @@ def validation_error(exc: RequestValidationError, protocol: str) -> ApiError:
     """FastAPI's validation error as the protocol's own (the first problem, its field named; the
     input not echoed)."""
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "path", "query", "header", "cookie"):
+        loc = loc[1:]
     field = loc[0] if loc else None
     where = ".".join(loc)
     message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
