@@ -235,7 +235,7 @@ class ComputeEndpoint:
                 check_token(rt.token_digests, head.header(b"authorization"))
             limit = rt.settings.max_body_bytes
             request = codec.prepare(head, limit)
-            async with dp.admission() as ticket:
+            with dp.admission() as ticket:
                 body = await read_body(receive, head, limit, ticket, inflate=request.inflate,
                                        into_buffer=request.into_buffer)
                 state = 1

@@ -316,7 +316,8 @@ class Engine:
             if full:
                 args.append(_flat([e[k] for e in g.extras], jobs, sizes, bucket, dt, 1))
             else:
-                args.append(np.asarray(g.extras[0][k], dt).reshape(()))
+                v = g.extras[0][k]
+                args.append(v if v.ndim == 0 and v.dtype == dt else np.asarray(v, dt).reshape(()))
         exe = self._executable(g.key)
         if g.dtype == "float64":
             with _x64():

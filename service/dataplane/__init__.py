@@ -38,7 +38,7 @@ from .batching import Batcher, DeviceError, Overloaded
 from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
 
-__all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Ticket", "off_loop_if", "working_set"]
+__all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Deadlines", "Ticket", "off_loop_if", "working_set"]
 
 log = logging.getLogger("service.dataplane")
 
@@ -64,6 +64,9 @@ class DataPlane:
         capacity, self.budget_source = budget_from_settings(settings.memory_budget)
         self.budget = MemoryBudget(capacity)
         self.max_cost = settings.max_cost
+        self.max_concurrent = settings.max_concurrent
+        self.offload_elements = settings.offload_elements
+        self.deadlines = Deadlines(settings.request_timeout)
 
     def set_budget(self, capacity: int, source: str) -> None:
         """Resize the memory budget (after the warm-up, when the process's own footprint is known)."""
@@ -72,7 +75,7 @@ class DataPlane:
 
     # -- admission ---------------------------------------------------------------------------
     def admission(self) -> Admission:
-        """``async with dp.admission() as ticket:`` one admitted request: refused at once past the
+        """``with dp.admission() as ticket:`` one admitted request: refused at once past the
         concurrency limit, cancelled (``timeout``) past the time limit; ``ticket`` holds its memory
         reservation, released when the block ends, whichever way."""
         return Admission(self)
@@ -81,9 +84,13 @@ class DataPlane:
         """One admitted request given its codec: decode -> the limits -> infer -> encode. Large
         bodies are decoded, and large answers encoded, in a worker thread (the event loop stays free);
         small ones inline, which is cheaper than a thread hop."""
-        parsed = len(body) + codec.parse_bytes(request, body)
-        ticket.require(parsed, f"decoding a {len(body)}-byte body")
-        decoded = await off_loop_if(len(body) > OFFLOAD_BYTES, codec.decode, request, body)
+        size = len(body)
+        parsed = size + codec.parse_bytes(request, body)
+        ticket.require(parsed, "decoding a body")
+        if size > OFFLOAD_BYTES:
+            decoded = await anyio.to_thread.run_sync(codec.decode, request, body)
+        else:
+            decoded = codec.decode(request, body)
         jobs = decoded.jobs
         n = self.check(jobs, where=lambda i: codec.where(decoded, i), job_index=codec.job_index)
         if n <= SMALL_ELEMENTS:  # a cheap bound for small requests: padded buffers and answers are small
@@ -91,7 +98,9 @@ class DataPlane:
         else:
             ticket.require(parsed + working_set(jobs) + codec.answer_bytes(decoded), "this request")
         results = await self.infer(jobs, codec.endpoint)
-        return await off_loop_if(n > self.settings.offload_elements, codec.encode, decoded, results)
+        if n > self.offload_elements:
+            return await anyio.to_thread.run_sync(codec.encode, decoded, results)
+        return codec.encode(decoded, results)
 
     def check(self, jobs: Sequence[core.Job], *, where: Callable[[int], str], job_index: bool = True) -> int:
         """The protocol-neutral limits of a request's jobs, all together: elements (a zero-size
@@ -164,41 +173,83 @@ SMALL_JOB_BYTES = 1 << 16
 
 
 class Admission:
-    """The admission of one request (``DataPlane.admission``): a concurrency slot, a deadline and a
-    memory ``Ticket``."""
+    """The admission of one request (``with dp.admission() as ticket:``): a concurrency slot, a
+    deadline and a memory ``Ticket``, all given back when the block ends, whichever way.
 
-    __slots__ = ("dp", "ticket", "timeout")
+    The deadline costs no timer per request: the running task is entered in the data plane's
+    ``Deadlines``, whose one shared timer cancels the tasks past theirs; the block then ends with
+    ``ApiError`` ``timeout`` (503). A cancellation from elsewhere passes through unchanged."""
+
+    __slots__ = ("dp", "ticket", "task")
 
     def __init__(self, dp: DataPlane) -> None:
         self.dp = dp
 
-    async def __aenter__(self) -> Ticket:
+    def __enter__(self) -> Ticket:
         dp = self.dp
-        s = dp.settings
-        if dp.in_flight >= s.max_concurrent:
+        if dp.in_flight >= dp.max_concurrent:
             raise ApiError(
-                503, f"{dp.in_flight} requests in progress (limit {s.max_concurrent}); retry shortly",
+                503, f"{dp.in_flight} requests in progress (limit {dp.max_concurrent}); retry shortly",
                 code="overloaded", headers={"Retry-After": "1"}, reason="concurrency",
             )
         dp.in_flight += 1
         dp.metrics.in_flight.inc()
-        self.ticket = Ticket(dp.budget)
-        self.timeout = asyncio.timeout(s.request_timeout)
-        await self.timeout.__aenter__()
-        return self.ticket
+        self.task = dp.deadlines.enter()
+        self.ticket = ticket = Ticket(dp.budget)
+        return ticket
 
-    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
         dp = self.dp
         self.ticket.release()
         dp.in_flight -= 1
         dp.metrics.in_flight.dec()
-        try:
-            await self.timeout.__aexit__(kind, exc, tb)
-        except TimeoutError:
+        if dp.deadlines.leave(self.task) and kind is asyncio.CancelledError:
             raise ApiError(
                 503, f"the request took longer than {dp.settings.request_timeout} s", code="timeout",
                 headers={"Retry-After": "1"}, reason="timeout",
             ) from None
+
+
+class Deadlines:
+    """Request deadlines on the event loop with one timer for all: ``enter`` notes the running task
+    with its deadline (``timeout`` seconds from now), ``leave`` forgets it and says whether it was
+    cancelled for being late. The timer runs only while some request is admitted, every ``tick``
+    seconds (a tenth of the timeout, at most 50 ms), so a late request is cancelled within
+    ``timeout + tick``."""
+
+    __slots__ = ("timeout", "tick", "_tasks", "_late", "_timer")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.tick = min(0.05, timeout / 10)
+        self._tasks: dict[asyncio.Task[Any], float] = {}
+        self._late: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def enter(self) -> asyncio.Task[Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
+        self._tasks[task] = loop.time() + self.timeout
+        if self._timer is None:
+            self._timer = loop.call_later(self.tick, self._check, loop)
+        return task
+
+    def leave(self, task: asyncio.Task[Any]) -> bool:
+        self._tasks.pop(task, None)
+        if task in self._late:
+            self._late.discard(task)
+            task.uncancel()
+            return True
+        return False
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for task, deadline in list(self._tasks.items()):
+            if deadline <= now and task not in self._late:
+                self._late.add(task)
+                task.cancel()
+        self._timer = loop.call_later(self.tick, self._check, loop) if self._tasks else None
 
 
 class Ticket:

@@ -166,7 +166,7 @@ def for_json(a: np.ndarray) -> Any:
         a = a.astype(np.float32)  # float16 and bfloat16 widen exactly to float32
     if a.ndim == 0:
         return a[()]
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def encode_json(payload: Any) -> bytes:

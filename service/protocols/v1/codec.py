@@ -355,6 +355,7 @@ JSON = "application/json"
 #: JSON bodies up to this size first try the decoder of a plain job object (``V1Codec._fast_job``).
 FAST_BYTES = 16 * 1024
 _EXACT = 2**53  # integers up to this size are exactly floats
+_F32_MAX = float(np.finfo(np.float32).max)
 _MEDIA = (JSON, NPY, NPZ)
 _NPY = NPY.encode()
 _JSON = JSON.encode()
@@ -472,14 +473,20 @@ class V1Codec:
         # a repeated key, an escaped quote or true/false anywhere: the general path reads the body
         if b"\\" in body or body.count(b'"') != 2 * (len(doc) + strings) or has_literals(body):
             return None
-        try:
-            a = np.asarray(x)
-        except (ValueError, TypeError, OverflowError):
-            return None
-        if a.dtype.kind not in "if" or a.ndim > self.max_rank:
-            return None
-        if a.dtype.kind == "i":
-            a = a.astype(np.float64)
+        if dtype == "float32" and len(x) <= 256 and all(type(v) is float for v in x) \
+                and (not x or max(map(abs, x)) <= _F32_MAX):
+            # a short flat list of floats that float32 holds: cast once, as float64 then float32
+            # would (each number is a float64 already), with no overflow to look for
+            a = np.asarray(x, np.float32)
+        else:
+            try:
+                a = np.asarray(x)
+            except (ValueError, TypeError, OverflowError):
+                return None
+            if a.dtype.kind not in "if" or a.ndim > self.max_rank:
+                return None
+            if a.dtype.kind == "i":
+                a = a.astype(np.float64)
         op = "grad" if self.endpoint == "grad" else self.endpoint
         try:
             return core.make_job(op, a, surrogate=surrogate, dtype=dtype, params=params, limits=self.limits)
