@@ -2,10 +2,11 @@
 
 Every op is elementwise, so any list of jobs with the same (op, surrogate, dtype) is broadcast,
 flattened and concatenated into one 1-D buffer, padded up to a size bucket (a power of two or 1.5
-times one, at least ``min_bucket``: at most 50% padding, 25% on average), evaluated by ONE compiled
+times one, at least ``min_bucket``: at most 50% padding, 25% on average; the smallest jobs, up to
+``small_bucket`` elements, have a bucket of their own), evaluated by ONE compiled
 call, then cut back and reshaped. Parameters travel as traced arguments: 0-d when every job shares
 one value ("scalar" layout), else one value per element ("elementwise" layout). So the compiled
-variants per (surrogate, op, dtype) and layout are at most ``2 * log2(max elements / min_bucket) + 1``,
+variants per (surrogate, op, dtype) and layout are at most ``2 * log2(max elements / min_bucket) + 2``,
 and a new alpha never compiles anything.
 """
 
@@ -117,12 +118,17 @@ class Engine:
     again when it is next needed.
     """
 
-    def __init__(self, *, min_bucket: int = 1024, max_variants: int | None = 512) -> None:
+    def __init__(self, *, min_bucket: int = 1024, max_variants: int | None = 512, small_bucket: int = 64) -> None:
         if min_bucket < 1 or min_bucket & (min_bucket - 1):
             raise ValueError("min_bucket must be a power of two >= 1")
+        if small_bucket < 1 or small_bucket & (small_bucket - 1):
+            raise ValueError("small_bucket must be a power of two >= 1")
         if max_variants is not None and max_variants < 1:
             raise ValueError("max_variants must be >= 1 (or None for no limit)")
         self.min_bucket = min_bucket
+        #: jobs of at most this many elements (16-element requests, say) are padded to it, not to
+        #: ``min_bucket``: one more variant, and the smallest requests pad and compute 16 times less
+        self.small_bucket = min(small_bucket, min_bucket)
         self.max_variants = max_variants
         self.device = jax.devices()[0]
         self._compiled: OrderedDict[Key, Any] = OrderedDict()  # least recently used first
@@ -133,10 +139,10 @@ class Engine:
 
     # -- buckets and compilation -------------------------------------------------------------
     def bucket(self, n: int) -> int:
-        """The padded size for ``n`` elements: the smallest power of two or 1.5 times a power of two
-        that holds ``n``, at least ``min_bucket``."""
+        """The padded size for ``n`` elements: ``small_bucket`` up to it, else the smallest power of
+        two or 1.5 times a power of two that holds ``n``, at least ``min_bucket``."""
         if n <= self.min_bucket:
-            return self.min_bucket
+            return self.small_bucket if n <= self.small_bucket else self.min_bucket
         p = 1 << (n - 1).bit_length()  # the next power of two >= n
         h = 3 * p // 4  # 1.5 times the power of two below
         return h if h >= n and p // 2 >= self.min_bucket else p
@@ -211,7 +217,7 @@ class Engine:
         Returns how many variants that is (each is logged at DEBUG only: log one summary)."""
         sur = _registry.get(surrogate)
         n = 0
-        b = self.min_bucket
+        b = self.small_bucket
         top = self.bucket(max_elements)
         while b <= top:
             for op in ops:

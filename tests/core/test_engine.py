@@ -18,9 +18,12 @@ def job(op="grad", x=(0.5,), **kw):
 
 def test_bucket_sizes():
     e = sc.Engine(min_bucket=1024)
-    assert [e.bucket(n) for n in (0, 1, 1024, 1025, 1536, 1537, 2048, 2049, 3073, 700_000, 1_000_000, 10_000_000)] == [
-        1024, 1024, 1024, 1536, 1536, 2048, 2048, 3072, 4096, 786_432, 1 << 20, 3 << 22,
+    assert [e.bucket(n) for n in (0, 1, 64, 65, 1024, 1025, 1536, 1537, 2048, 2049, 3073, 700_000, 1_000_000,
+                                  10_000_000)] == [
+        64, 64, 64, 1024, 1024, 1536, 1536, 2048, 2048, 3072, 4096, 786_432, 1 << 20, 3 << 22,
     ]
+    assert sc.Engine(min_bucket=16).bucket(1) == 16  # the small bucket is never above the smallest
+    assert sc.Engine(min_bucket=1024, small_bucket=1024).bucket(1) == 1024
     # every size fits, with at most 50% padding past the smallest bucket
     for n in range(1025, 70_000, 37):
         b = e.bucket(n)
@@ -99,9 +102,10 @@ def test_empty_arrays_need_no_device_call():
 def test_warm_up_compiles_each_bucket_once():
     e = sc.Engine(min_bucket=1024)
     n = e.warm_up(surrogate="piecewise_quadratic", dtype="float32", ops=("grad",), max_elements=4096)
-    assert n == 5 and e.stats.compilations == 5  # 1024, 1536, 2048, 3072, 4096
+    assert n == 6 and e.stats.compilations == 6  # 64, 1024, 1536, 2048, 3072, 4096
     e.run([sc.make_job("grad", np.zeros(3000, np.float32))])
-    assert e.stats.compilations == 5
+    e.run([sc.make_job("grad", np.zeros(16, np.float32))])
+    assert e.stats.compilations == 6
 
 
 def test_device_info_reports_a_platform():

@@ -357,6 +357,7 @@ FAST_BYTES = 16 * 1024
 _EXACT = 2**53  # integers up to this size are exactly floats
 _F32_MAX = float(np.finfo(np.float32).max)
 _MEDIA = (JSON, NPY, NPZ)
+_MEDIA_OF: dict[str | None, str] = {}  # Content-Type header -> media type, for those accepted
 _NPY = NPY.encode()
 _JSON = JSON.encode()
 
@@ -405,7 +406,12 @@ class V1Codec:
     render_error = staticmethod(render_error)
 
     def prepare(self, head: Head, limit: int) -> V1Request:
-        mt = media_type(head.header(b"content-type"), _MEDIA)
+        raw = head.header(b"content-type")
+        mt = _MEDIA_OF.get(raw)
+        if mt is None:
+            mt = media_type(raw, _MEDIA)
+            if len(_MEDIA_OF) < 256:  # the few spellings clients use, remembered
+                _MEDIA_OF[raw] = mt
         query = head.query
         if mt == JSON and query:
             key = query[0][0]
