@@ -18,9 +18,11 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
+
+import anyio.to_thread
 
 from .errors import ApiError
 from .server.security import check_token
@@ -68,13 +70,22 @@ class Head:
 
 
 class Answer:
-    """One answer: status, headers and the body as one or more byte chunks (sent without joining)."""
+    """One answer: status, headers and the body as one or more byte chunks (sent without joining),
+    or as a ``stream`` of pieces made while it is sent (a compressed answer: no Content-Length, the
+    server sends it chunked; ``length`` is then what the stream is made from)."""
 
-    __slots__ = ("status", "headers", "chunks", "length")
+    __slots__ = ("status", "headers", "chunks", "length", "stream")
 
     def __init__(self, status: int, content_type: bytes, chunks: Iterable[bytes | memoryview],
-                 headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+                 headers: Iterable[tuple[bytes, bytes]] = (), *, stream: Iterator[bytes] | None = None,
+                 length: int = 0) -> None:
         self.status = status
+        self.stream = stream
+        if stream is not None:
+            self.chunks: list[bytes | memoryview] = []
+            self.length = length
+            self.headers = [(b"content-type", content_type), *headers]
+            return
         self.chunks = list(chunks)
         self.length = sum(len(c) for c in self.chunks)
         self.headers = [(b"content-type", content_type), (b"content-length", str(self.length).encode()), *headers]
@@ -83,6 +94,9 @@ class Answer:
         """Hand the answer to the server; ``SendTimeout`` when a piece waits on the reader longer
         than ``timeout`` (small answers are handed over at once and need no timer)."""
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        if self.stream is not None:
+            await self._send_stream(send, timeout)
+            return
         pieces = [c for c in self.chunks if len(c)]
         if not pieces:
             await send({"type": "http.response.body", "body": b""})
@@ -98,6 +112,22 @@ class Answer:
             view = memoryview(chunk)
             for o in range(0, len(view), CHUNK):
                 await _send_piece(send, view[o:o + CHUNK], i < last or o + CHUNK < len(view), timeout)
+
+
+    async def _send_stream(self, send: Send, timeout: float | None) -> None:
+        """The stream's pieces, each made in a worker thread when the answer is large (compressing
+        a megabyte takes milliseconds the event loop should not wait), and sent as it is made: one
+        piece is held at a time."""
+        stream = self.stream
+        assert stream is not None
+        offload = self.length > CHUNK
+        while True:
+            piece = await anyio.to_thread.run_sync(next, stream, None) if offload else next(stream, None)
+            if piece is None:
+                break
+            if piece:
+                await _send_piece(send, piece, True, timeout)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _send_piece(send: Send, piece: bytes | memoryview, more: bool, timeout: float | None) -> None:
@@ -211,6 +241,7 @@ class Codec(Protocol):
     def decode(self, request: Any, body: bytes) -> Any: ...
     def where(self, decoded: Any, i: int) -> str: ...
     def answer_bytes(self, decoded: Any) -> int: ...
+    def extra_bytes(self, decoded: Any) -> int: ...
     def encode(self, decoded: Any, results: list[Any]) -> Answer: ...
     def render_error(self, err: ApiError) -> Answer: ...
 

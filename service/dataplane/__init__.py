@@ -94,7 +94,7 @@ class DataPlane:
         jobs = decoded.jobs
         n = self.check(jobs, where=lambda i: codec.where(decoded, i), job_index=codec.job_index)
         if n <= SMALL_ELEMENTS:  # a cheap bound for small requests: padded buffers and answers are small
-            ticket.require(parsed + SMALL_JOB_BYTES * len(jobs) + 96 * n, "this request")
+            ticket.require(parsed + SMALL_JOB_BYTES * len(jobs) + 96 * n + codec.extra_bytes(decoded), "this request")
         else:
             ticket.require(parsed + working_set(jobs) + codec.answer_bytes(decoded), "this request")
         results = await self.infer(jobs, codec.endpoint)

@@ -103,7 +103,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if False:
+        if self._refused:
             return  # draining what the client still sends after the answer
         if self._in_head:
             if self._head_timer is None:

@@ -339,3 +339,57 @@ async def test_literals_in_parameters_do_not_hide_literals_in_data(client):
     t = {"name": "x", "shape": [3], "datatype": "FP32", "data": [0.5, False, 1.0], "parameters": {"note": True}}
     r = await infer(client, [(t, b"")], outputs=outs)
     assert r.status_code == 400 and "x[1]" in r.json()["error"] and "boolean" in r.json()["error"]
+
+
+async def test_compressed_answers_stream_in_pieces_and_their_compressor_is_reserved():
+    """A gzip answer is made while it is sent (chunked, no Content-Length, one compressed piece at a
+    time, none larger than about a megabyte), and the compressor's memory is part of the reservation."""
+    from service.protocols.v2.codec import COMPRESS_PIECE, COMPRESSOR_BYTES
+
+    app = create_app(make_settings(max_elements=2_000_000, max_body_bytes=64 << 20, memory_budget=256 << 20))
+    rt = app.state.runtime
+    x = np.random.default_rng(3).uniform(-2, 2, 1_000_000).astype(np.float32)
+    content, headers = body({"inputs": [tensor("x", x, binary=True)[0]], "outputs": [
+        {"name": "grad", "parameters": {"binary_data": True}}]}, [x.tobytes()])
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": INFER, "raw_path": INFER.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-length", str(len(content)).encode()), (b"accept-encoding", b"gzip"),
+                         *[(k.encode(), v.encode()) for k, v in headers.items()]]}
+    messages: list[dict] = []
+    held: list[int] = []
+
+    async def receive():
+        return {"type": "http.request", "body": content, "more_body": False}
+
+    async def send(message):
+        held.append(rt.dataplane.budget.in_use)
+        messages.append(message)
+
+    async with app.router.lifespan_context(app):
+        await app(scope, receive, send)
+    start, pieces = messages[0], [m["body"] for m in messages[1:]]
+    names = {k for k, _ in start["headers"]}
+    assert start["status"] == 200 and b"content-length" not in names and (b"content-encoding", b"gzip") in start["headers"]
+    assert len(pieces) > 2 and messages[-1].get("more_body") is False
+    assert max(len(p) for p in pieces) <= COMPRESS_PIECE + COMPRESS_PIECE // 100 + 64
+    raw = gzip.decompress(b"".join(pieces))
+    n = int(dict(start["headers"])[b"inference-header-content-length"])
+    np.testing.assert_allclose(np.frombuffer(raw[n:], "<f4"), pq_grad(x.astype(np.float64), 1.0), rtol=1e-6)
+    # while it was sent, the reservation held the answer, one compressed piece and the compressor
+    assert min(held) >= 4 * x.size + COMPRESSOR_BYTES
+    assert rt.dataplane.budget.in_use == 0
+
+
+async def test_a_small_compressed_answer_reserves_its_compressor(client):
+    from service.protocols.v2.codec import COMPRESSOR_BYTES
+
+    budget = client._transport.app.state.runtime.dataplane.budget
+    x = np.linspace(-2, 2, 16, dtype=np.float32)
+    req = {"inputs": [tensor("x", x)[0]], "outputs": [{"name": "spike"}]}
+    peaks = []
+    for headers in ({"accept-encoding": "gzip"}, {"accept-encoding": "identity"}):
+        budget.peak = 0
+        r = await client.post(INFER, json=req, headers=headers)
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [float(v >= 0) for v in x]
+        peaks.append(budget.peak)
+    assert peaks[0] - peaks[1] >= COMPRESSOR_BYTES

@@ -504,6 +504,10 @@ class V1Codec:
         return f"job {i}"
 
     @staticmethod
+    def extra_bytes(decoded: V1Decoded) -> int:
+        return 0  # answers are not compressed
+
+    @staticmethod
     def answer_bytes(decoded: V1Decoded) -> int:
         text = not decoded.npy
         total = 0

@@ -16,6 +16,7 @@ import difflib
 import math
 import re
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes
@@ -211,16 +212,30 @@ class V2Codec:
 
     @staticmethod
     def answer_bytes(decoded: V2Decoded) -> int:
-        text = not all(b for _, b in decoded.outputs)
-        total = 0
-        for job in decoded.jobs:
-            item = max(core.DTYPES[job.dtype].itemsize, 4)
-            total += answer_bytes(job.shape, item, json=text) * (2 if text else 1)
-        return total
+        return _answer_size(decoded) + V2Codec.extra_bytes(decoded)
+
+    @staticmethod
+    def extra_bytes(decoded: V2Decoded) -> int:
+        """What encoding holds beyond the answer: a compressed answer is made as it is sent, one
+        compressed piece (at most a little larger than its input) and the compressor's state at a time."""
+        if _accepted_encoding(decoded.request.accept_encoding) is None:
+            return 0
+        piece = min(_answer_size(decoded), COMPRESS_PIECE)
+        return piece + piece // 100 + 64 + COMPRESSOR_BYTES
 
     def encode(self, decoded: V2Decoded, results: list[np.ndarray]) -> Answer:
         return _encode(decoded.request.accept_encoding, decoded.req, decoded.request.model, decoded.outputs,
                        decoded.jobs, results)
+
+
+def _answer_size(decoded: V2Decoded) -> int:
+    """An upper estimate of an answer's bytes (twice for text, which is built in a growing buffer)."""
+    text = not all(b for _, b in decoded.outputs)
+    total = 0
+    for job in decoded.jobs:
+        item = max(core.DTYPES[job.dtype].itemsize, 4)
+        total += answer_bytes(job.shape, item, json=text) * (2 if text else 1)
+    return total
 
 
 def _head_end(raw: str | None, size: int) -> int:
@@ -442,10 +457,27 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
     parts: list[bytes | memoryview] = [head, *chunks]
     encoding = _accepted_encoding(accept_encoding)
     if encoding is not None:
-        z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-        parts = [b"".join([z.compress(p) for p in parts] + [z.flush()])]
         headers.append((b"content-encoding", encoding.encode()))
+        return Answer(200, ctype, (), headers, stream=_compressed(parts, encoding),
+                      length=sum(len(p) for p in parts))
     return Answer(200, ctype, parts, headers)
+
+
+#: A compressed answer is made in pieces of this many input bytes: at most one compressed piece and
+#: the compressor's state (``COMPRESSOR_BYTES``) are held at a time, besides the results.
+COMPRESS_PIECE = 1 << 20
+COMPRESSOR_BYTES = 1 << 19  # zlib at level 6: a 32 KiB window and 128 KiB of hash state, with room
+
+
+def _compressed(parts: list[bytes | memoryview], encoding: str) -> Iterator[bytes]:
+    z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for o in range(0, len(view), COMPRESS_PIECE):
+            out = z.compress(view[o:o + COMPRESS_PIECE])
+            if out:
+                yield out
+    yield z.flush()
 
 
 def _accepted_encoding(accept: str | None) -> str | None:
