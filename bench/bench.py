@@ -110,10 +110,12 @@ def grad_reference(x: np.ndarray, alpha: float = 1.0) -> np.ndarray:
 def v2_request(x: np.ndarray, *, binary: bool = False, alpha: float = 1.0) -> tuple[bytes, dict[str, str]]:
     """An Open Inference Protocol (v2) infer request for input ``x`` (FP32) and the scalar ``alpha``:
     JSON tensors, or the binary tensor extension (a JSON header, then the raw little-endian bytes,
-    the output asked in binary too). The same bytes go to the service and to the peers."""
+    the output asked in binary too); either way only ``grad`` is asked, the work of ``/v1/grad`` and of
+    the peers' models. The same bytes go to the service and to the peers."""
     tensor: dict = {"name": "x", "shape": list(x.shape), "datatype": "FP32"}
     req: dict = {"inputs": [tensor], "parameters": {"alpha": alpha}}
-    if not binary:
+    if not binary:  # the one output the peers compute, as /v1/grad does
+        req["outputs"] = [{"name": "grad"}]
         tensor["data"] = np.ascontiguousarray(x, np.float32)
         return orjson.dumps(req, option=orjson.OPT_SERIALIZE_NUMPY), {"content-type": JSON}
     raw = np.ascontiguousarray(x, "<f4").tobytes()

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl
 import anyio.to_thread
 
 from .errors import ApiError
+from .server.httpproto import REQUESTS_KEY
 from .server.security import check_token
 
 __all__ = ["CHUNK", "Answer", "ClientGone", "Codec", "ComputeEndpoint", "Head", "SendTimeout", "read_body"]
@@ -270,7 +271,9 @@ class ComputeEndpoint:
                 body = await read_body(receive, head, limit, ticket, inflate=request.inflate,
                                        into_buffer=request.into_buffer)
                 state = 1
-                answer = await dp.serve(codec, request, body, ticket)
+                requests = scope.get(REQUESTS_KEY)  # the server's requests in progress, where it says
+                answer = await dp.serve(codec, request, body, ticket,
+                                        alone=None if requests is None else len(requests) <= 1)
                 del body
                 status = answer.status
                 state = 2

@@ -80,10 +80,12 @@ class DataPlane:
         reservation, released when the block ends, whichever way."""
         return Admission(self)
 
-    async def serve(self, codec: Any, request: Any, body: bytes, ticket: Ticket) -> Any:
+    async def serve(self, codec: Any, request: Any, body: bytes, ticket: Ticket, *, alone: bool | None = None) -> Any:
         """One admitted request given its codec: decode -> the limits -> infer -> encode. Large
         bodies are decoded, and large answers encoded, in a worker thread (the event loop stays free);
-        small ones inline, which is cheaper than a thread hop."""
+        small ones inline, which is cheaper than a thread hop. ``alone``: whether the server has no
+        other request in progress (started or about to start), where the server says; else the
+        requests admitted here are counted."""
         size = len(body)
         parsed = size + codec.parse_bytes(request, body)
         ticket.require(parsed, "decoding a body")
@@ -97,7 +99,7 @@ class DataPlane:
             ticket.require(parsed + SMALL_JOB_BYTES * len(jobs) + 96 * n + codec.extra_bytes(decoded), "this request")
         else:
             ticket.require(parsed + working_set(jobs) + codec.answer_bytes(decoded), "this request")
-        results = await self.infer(jobs, codec.endpoint)
+        results = await self.infer(jobs, codec.endpoint, alone=alone)
         if n > self.offload_elements:
             return await anyio.to_thread.run_sync(codec.encode, decoded, results)
         return codec.encode(decoded, results)
@@ -131,10 +133,11 @@ class DataPlane:
         return int(total)
 
     # -- compute -----------------------------------------------------------------------------
-    async def infer(self, jobs: Sequence[core.Job], endpoint: str) -> list[np.ndarray]:
-        """The results of ``jobs``, in order (through the batcher)."""
+    async def infer(self, jobs: Sequence[core.Job], endpoint: str, *, alone: bool | None = None) -> list[np.ndarray]:
+        """The results of ``jobs``, in order (through the batcher, which computes a request alone at
+        once and gathers concurrent ones into one device call)."""
         try:
-            results = await self.batcher.submit(jobs, alone=self.in_flight <= 1)
+            results = await self.batcher.submit(jobs, alone=self.in_flight <= 1 if alone is None else alone)
         except Overloaded as exc:
             raise ApiError(
                 503, f"overloaded: {exc}; retry shortly", code="overloaded", headers={"Retry-After": "1"},

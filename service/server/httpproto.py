@@ -38,10 +38,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import lifecycle
 
-__all__ = ["PROTOCOL", "LimitedHttpToolsProtocol", "configure"]
+__all__ = ["PROTOCOL", "REQUESTS_KEY", "LimitedHttpToolsProtocol", "configure"]
 
 #: The import string for ``uvicorn.Config(http=...)``.
 PROTOCOL = "service.server.httpproto:LimitedHttpToolsProtocol"
+
+#: The scope key under which a request finds the set of the server's requests in progress.
+REQUESTS_KEY = "surrogate.requests"
 
 #: Seconds a refused connection keeps reading (and dropping) what the client still sends.
 LINGER_SECONDS = 2.0
@@ -133,6 +136,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(503, "shutting_down", "the server is shutting down; retry on another instance")
             return
         super().on_headers_complete()
+        # the requests this server has in progress, started or about to start (uvicorn's own set of
+        # their tasks): the data plane gathers concurrent requests into one device call only when
+        # others are on their way, and a request alone computes at once
+        self.scope[REQUESTS_KEY] = self.server_state.tasks
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:

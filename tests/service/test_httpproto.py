@@ -58,7 +58,7 @@ OVERRIDDEN = {
 }
 
 #: Instance attributes that HttpToolsProtocol sets and the subclass reads (never methods).
-INHERITED_ATTRIBUTES = {"cycle", "transport", "loop", "logger", "client"}
+INHERITED_ATTRIBUTES = {"cycle", "transport", "loop", "logger", "client", "scope", "server_state"}
 
 #: Attributes of HttpToolsProtocol's RequestResponseCycle (``self.cycle``) that the subclass reads or sets.
 CYCLE_ATTRIBUTES = {"response_complete", "keep_alive"}
@@ -279,6 +279,7 @@ class App:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         assert scope["type"] == "http"
         self.calls.append(scope["path"])
+        self.in_progress = len(scope[httpproto.REQUESTS_KEY])
         size = 0
         while True:
             message = await receive()
@@ -636,3 +637,19 @@ async def test_the_next_request_on_the_connection_has_its_own_timeout(connect, m
     await until(lambda: len(conn.answers()) == 2)
     assert [status for status, _, _ in conn.answers()] == [200, 408]
     assert conn.transport.eof
+
+
+async def test_a_request_sees_how_many_requests_the_server_has_in_progress(connect):
+    """The data plane computes a request alone at once and gathers concurrent ones: it learns which
+    from the set of uvicorn's request tasks, which every request's scope carries."""
+    alone = connect()
+    alone.send(head_of(100))
+    await alone.served()
+    assert alone.app.in_progress == 1
+    shared, other = connect(), connect()  # two connections of one server (uvicorn shares its state)
+    other.protocol.server_state = shared.protocol.server_state
+    other.protocol.tasks = shared.protocol.tasks
+    shared.send(head_of(100))
+    other.send(head_of(100))  # both arrive before either runs
+    await shared.served()
+    assert shared.app.in_progress == 2 and other.app.in_progress == 2
