@@ -317,7 +317,7 @@ for v in $settings; do
     grep -qE "^ +$v:" docker-compose.yml deploy/compose.secrets.yml || missing_settings+=("$v")
 done
 [ ${#missing_settings[@]} = 0 ] || fail "docker-compose.yml lacks settings: ${missing_settings[*]} (add them to x-surrogate-environment)"
-log "docker-compose.yml passes all $(echo "$settings" | wc -w) settings of service/settings.py"
+log "docker-compose.yml passes all $(echo "$settings" | wc -w) settings of service/server/settings.py"
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -107,7 +107,7 @@ class _GracefulServer(uvicorn.Server):
 
     - Draining: first the process is marked as shutting down (:mod:`service.server.lifecycle`), and for
       ``drain`` seconds the listener stays open: every new request, readiness probes included, is
-      answered 503 with ``Connection: close`` (by the protocol, service.httpproto), so load
+      answered 503 with ``Connection: close`` (by the protocol, service.server.httpproto), so load
       balancers take the instance out and clients retry elsewhere, while requests in flight go on.
       Then the connections still waiting in the listen queue are accepted (so that they are
       answered rather than reset when the listener closes), and uvicorn's shutdown runs: the

@@ -18,11 +18,12 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import anyio.to_thread
+from starlette.types import Receive, Scope, Send
 
 from .errors import ApiError
 from .server.httpproto import REQUESTS_KEY
@@ -32,8 +33,6 @@ __all__ = ["CHUNK", "Answer", "ClientGone", "Codec", "ComputeEndpoint", "Head", 
 
 log = logging.getLogger("service.errors")
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class ClientGone(Exception):
@@ -55,7 +54,7 @@ class Head:
 
     __slots__ = ("_headers", "_query", "params")
 
-    def __init__(self, scope: dict[str, Any]) -> None:
+    def __init__(self, scope: Scope) -> None:
         self._headers: dict[bytes, bytes] = dict(scope["headers"])
         self._query: bytes = scope.get("query_string", b"")
         self.params: dict[str, str] = scope.get("path_params") or {}
@@ -255,7 +254,7 @@ class ComputeEndpoint:
         self.rt = runtime
         self.label = label  # the route template: the metrics' endpoint label
 
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
         rt, codec = self.rt, self.codec
         dp = rt.dataplane

@@ -397,7 +397,7 @@ def _v1_signature(req: Any, res: Any) -> Callable[..., Any]:
         raise NotImplementedError  # documentation only: ComputeEndpoint answers
 
     # the annotation holds this call's models (a string annotation could not name them)
-    compute.__annotations__ = {"body": Annotated[req | list[req], body], "return": None}  # type: ignore[valid-type]
+    compute.__annotations__ = {"body": Annotated[req | list[req], body], "return": None}
     return compute
 
 

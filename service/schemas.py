@@ -1,9 +1,10 @@
 """Pydantic models: the request and response shapes of the contract (``openapi.yaml``).
 
 The job models are built from the surrogate registry, so a new surrogate or parameter shows up in
-the contract without touching this file. The compute routes decode bodies with the fast codecs in
-``codecs.py`` (which enforce exactly these shapes, with messages that name the job and field); the
-models here document them and serialise the small metadata responses.
+the contract without touching this file. The compute routes decode bodies with the codecs in
+``protocols/v1/codec.py`` and ``protocols/v2/codec.py`` (which enforce exactly these shapes, with
+messages that name the job and field); the models here document them (FastAPI builds the contract
+from them) and serialise the metadata responses.
 """
 
 from __future__ import annotations

@@ -243,9 +243,9 @@ class Engine:
             sname = "*" if job.op == "spike" else job.surrogate
             if n == 0:
                 return [_Group(job.op, sname, job.dtype, [0], [job], [0], 0, 0, [], ())]
-            extras = self._extras(job)
-            layout = tuple(e.size != 1 for e in extras)
-            return [_Group(job.op, sname, job.dtype, [0], [job], [n], n, self.bucket(n), [extras], layout)]
+            one = self._extras(job)
+            return [_Group(job.op, sname, job.dtype, [0], [job], [n], n, self.bucket(n), [one],
+                           tuple(e.size != 1 for e in one))]
         by: dict[tuple[str, str, str], list[int]] = {}
         for i, job in enumerate(jobs):
             sname = "*" if job.op == "spike" else job.surrogate

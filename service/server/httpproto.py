@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -139,7 +139,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # the requests this server has in progress, started or about to start (uvicorn's own set of
         # their tasks): the data plane gathers concurrent requests into one device call only when
         # others are on their way, and a request alone computes at once
-        self.scope[REQUESTS_KEY] = self.server_state.tasks
+        cast(dict, self.scope)[REQUESTS_KEY] = self.server_state.tasks
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:

@@ -2,8 +2,8 @@
 
 With ``SURROGATE_API_TOKEN`` (or ``SURROGATE_API_TOKEN_FILE``) set, compute and metadata endpoints
 and ``/metrics`` need ``Authorization: Bearer <token>``; tokens are compared in constant time
-(``hmac.compare_digest``, every token compared). ``/healthz`` and ``/readyz`` stay open for probes,
-and so do ``/docs`` and ``/openapi.json`` (the contract is public).
+(``hmac.compare_digest``, every token compared). ``/healthz``, ``/readyz`` and ``/v2/health/*`` stay
+open for probes, and so do ``/docs`` and ``/openapi.json`` (the contract is public).
 """
 
 from __future__ import annotations

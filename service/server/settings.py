@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     )
     request_timeout: float = Field(
         30.0, gt=0,
-        description="Seconds a compute request may take, body upload included (408 while uploading, else 503)."
+        description="Seconds a compute request may take, body upload included (408 while uploading, else 503); "
+        "checked every tenth of it, at most every 50 ms."
     )
     batch_max_delay: float = Field(
         0.0002, ge=0, le=0.1,

@@ -280,7 +280,7 @@ def cases() -> list[Case]:
     return c
 
 
-#: Rows answered below the application, by the HTTP protocol (service/httpproto.py): they need a
+#: Rows answered below the application, by the HTTP protocol (service/server/httpproto.py): they need a
 #: real server and are checked end to end, in the files named.
 PROTOCOL_ROWS = {
     (431, "headers_too_large"): "tests/e2e/test_headers_e2e.py",

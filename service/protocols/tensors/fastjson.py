@@ -29,7 +29,7 @@ MAX_ROWS = 1 << 16
 
 
 def decode(body: bytes, *, max_rank: int) -> tuple[list[dict[str, Any]], bool] | None:
-    """``(jobs, single)`` as ``codecs.parse_json`` would give, or ``None`` to use the general path."""
+    """``(jobs, single)`` as ``protocols.v1.codec.parse_json`` would give, or ``None`` to use the general path."""
     if simdjson is None or len(body) < MIN_BYTES:
         return None
     parser = simdjson.Parser()

@@ -527,7 +527,7 @@ class V1Codec:
         for i, (job, res) in enumerate(zip(jobs, results, strict=True)):
             if job.op != "spike":  # spikes are 0 or 1, always finite
                 check_finite(job, res, text=True, where=f"job {i}", job_index=i, hint=hint)
-        if decoded.single and results[0].size <= PIECE:
+        if decoded.single and not _large(results[0]):
             job, res = jobs[0], results[0]
             return Answer(200, _JSON, (encode_json(result_dict(endpoint, job.surrogate, job.dtype, res)),))
         if not any(_large(r) for r in results):
