@@ -190,7 +190,8 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
     for name, (summary, description) in V1_COMPUTE.items():
         req, res, _ = COMPUTE_MODELS[name]
         compute.append(ComputeRoute(
-            f"/v1/{name}", _v1_signature(req, res), asgi=ComputeEndpoint(v1.V1Codec(name, s), rt, f"/v1/{name}"),
+            f"/v1/{name}", _v1_signature(req, res),
+            asgi=ComputeEndpoint(v1.V1Codec(name, rt.dataplane.limits, max_jobs=s.max_jobs), rt, f"/v1/{name}"),
             methods=["POST"], tags=["compute"], summary=summary, description=description, operation_id=name,
             response_model=res | list[res],  # type: ignore[valid-type]
             response_description="The result (a list of results, in order, for a list of jobs); a .npy file "
@@ -201,7 +202,8 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
     for suffix in ("", "/versions/{version}"):
         path = "/v2/models/{model}" + suffix + "/infer"
         compute.append(ComputeRoute(
-            path, _v2_signature(bool(suffix)), asgi=ComputeEndpoint(v2.V2Codec(s), rt, path), methods=["POST"],
+            path, _v2_signature(bool(suffix)), asgi=ComputeEndpoint(v2.V2Codec(rt.dataplane.limits), rt, path),
+            methods=["POST"],
             tags=["open inference protocol"],
             summary="Inference: spike, grad, fun and vjp of x, as JSON tensors or binary tensor data",
             description=V2_INFER_DESCRIPTION, operation_id="v2_infer" + ("_version" if suffix else ""),

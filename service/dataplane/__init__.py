@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -35,10 +34,11 @@ import surrogate_core as core
 from ..errors import ApiError
 from ..server.settings import Settings
 from .batching import Batcher, DeviceError, Overloaded
+from .limits import Limits
 from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
 
-__all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Deadlines", "Ticket", "off_loop_if", "working_set"]
+__all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Deadlines", "Limits", "Ticket", "off_loop_if", "working_set"]
 
 log = logging.getLogger("service.dataplane")
 
@@ -64,6 +64,8 @@ class DataPlane:
         capacity, self.budget_source = budget_from_settings(settings.memory_budget)
         self.budget = MemoryBudget(capacity)
         self.max_cost = settings.max_cost
+        self.limits = Limits(max_rank=settings.max_rank, max_elements=settings.max_elements,
+                             max_cost=settings.max_cost)
         self.max_concurrent = settings.max_concurrent
         self.offload_elements = settings.offload_elements
         self.deadlines = Deadlines(settings.request_timeout)
@@ -105,32 +107,8 @@ class DataPlane:
         return codec.encode(decoded, results)
 
     def check(self, jobs: Sequence[core.Job], *, where: Callable[[int], str], job_index: bool = True) -> int:
-        """The protocol-neutral limits of a request's jobs, all together: elements (a zero-size
-        dimension counts as 1, so an answer's size is bounded too) and cost. Returns the elements."""
-        s = self.settings
-        total = cost = 0.0
-        for i, job in enumerate(jobs):
-            n = math.prod(max(d, 1) for d in job.shape)
-            total += n
-            if total > s.max_elements:
-                raise ApiError(
-                    422,
-                    f"{where(i)}: the request has more than {s.max_elements} elements in all (after broadcasting; "
-                    "a zero-size dimension counts as 1), over the limit",
-                    job=i if job_index else None, field="x", code="too_large",
-                )
-            if job.op != "spike":
-                c = core.get(job.surrogate).cost_per_element(job.params)
-                cost += n * c
-                if cost > self.max_cost:
-                    raise ApiError(
-                        422,
-                        f"{where(i)}: {job.surrogate} costs {c:g} units per element here, {cost:.3g} for the request, "
-                        f"over the limit of {self.max_cost:.3g} (SURROGATE_MAX_COST); send fewer elements or cheaper "
-                        "parameters",
-                        job=i if job_index else None, field="x", code="too_large",
-                    )
-        return int(total)
+        """The limits of a request's jobs (``Limits.jobs``). Returns the elements."""
+        return self.limits.jobs(jobs, where=where, job_index=job_index)
 
     # -- compute -----------------------------------------------------------------------------
     async def infer(self, jobs: Sequence[core.Job], endpoint: str, *, alone: bool | None = None) -> list[np.ndarray]:

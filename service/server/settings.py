@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         16384, ge=0, description="Batches with more elements than this compute in a worker thread, off the event loop."
     )
     max_concurrent: int = Field(
-        64, ge=1, description="Compute requests handled at once; past it, 503 with Retry-After at once."
+        256, ge=1, description="Compute requests handled at once; past it, 503 with Retry-After at once."
     )
     max_queue: int = Field(
         256, ge=1, description="Requests waiting for the device; past it, 503 with Retry-After at once."

@@ -8,8 +8,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from service.protocols.tensors.npy import answer_bytes, decode_npy, decode_npz, npy_parts
+from service.dataplane.limits import Limits
 from service.errors import ApiError
+from service.protocols.tensors.npy import answer_bytes, decode_npy, decode_npz, npy_parts
+
+LIMITS = Limits(max_rank=8, max_elements=1000, max_cost=1e18)
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -42,7 +45,7 @@ IMPOSSIBLE = ["(-1, -4)", "(-2, -2)", "(-1,)", "(True, 2)", "(2, False)", "(9223
 @pytest.mark.parametrize("shape", IMPOSSIBLE)
 def test_decode_refuses_impossible_shapes(shape):
     with pytest.raises(ApiError) as info:
-        decode_npy(npy_with_header(header(shape)), max_rank=8, max_elements=1000)
+        decode_npy(npy_with_header(header(shape)), limits=LIMITS)
     assert info.value.status == 422
     assert info.value.code == "invalid_binary"
     assert "shape" in str(info.value)
@@ -52,7 +55,7 @@ def test_decode_refuses_impossible_shapes(shape):
 def test_zero_size_and_scalar_shapes_still_decode(shape):
     expected = eval(shape)  # the literal tuple written in the header
     n = int(np.prod(expected))
-    a = decode_npy(npy_with_header(header(shape), np.arange(n, dtype="<f8").tobytes()), max_rank=8, max_elements=1000)
+    a = decode_npy(npy_with_header(header(shape), np.arange(n, dtype="<f8").tobytes()), limits=LIMITS)
     assert a.shape == expected
     assert a.dtype == np.float64
     assert np.array_equal(a, np.arange(n, dtype=np.float64).reshape(expected))
@@ -61,7 +64,7 @@ def test_zero_size_and_scalar_shapes_still_decode(shape):
 @pytest.mark.parametrize("garbage", [header("foo"), header("(2**63, 0)"), "garbage", "{'descr': f(), }", header("(1,)", "zz")])
 def test_garbage_header_messages_hold_no_object_reprs(garbage):
     with pytest.raises(ApiError) as info:
-        decode_npy(npy_with_header(garbage), max_rank=8, max_elements=1000)
+        decode_npy(npy_with_header(garbage), limits=LIMITS)
     assert info.value.code == "invalid_binary"
     message = str(info.value)
     assert "not a valid .npy file" in message
@@ -72,9 +75,9 @@ def test_garbage_header_messages_hold_no_object_reprs(garbage):
 def test_an_npz_member_with_an_impossible_shape_is_refused():
     good = npy_with_header(header("(2,)"), np.float64([0.5, -0.5]).tobytes())
     with pytest.raises(ApiError) as info:
-        decode_npz(npz_of({"x": good, "alpha": npy_with_header(header("(True, 2)"))}), max_rank=8, max_elements=1000)
+        decode_npz(npz_of({"x": good, "alpha": npy_with_header(header("(True, 2)"))}), limits=LIMITS)
     assert (info.value.code, info.value.field) == ("invalid_binary", "alpha")
-    assert decode_npz(npz_of({"x": good}), max_rank=8, max_elements=1000)["x"].tolist() == [0.5, -0.5]
+    assert decode_npz(npz_of({"x": good}), limits=LIMITS)["x"].tolist() == [0.5, -0.5]
 
 
 

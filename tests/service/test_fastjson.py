@@ -7,12 +7,14 @@ import numpy as np
 import orjson
 import pytest
 
+from service.dataplane.limits import Limits
 from service.protocols.tensors import fastjson
 from service.protocols.tensors.arrays import has_literals
 from service.protocols.v1 import codec as codecs
 
 pytestmark = pytest.mark.anyio
 BIG = 5000  # elements: enough to pass fastjson.MIN_BYTES
+LIMITS = Limits(max_rank=8, max_elements=10**8, max_cost=1e18)
 
 
 def pad(doc) -> bytes:
@@ -21,14 +23,14 @@ def pad(doc) -> bytes:
 
 def general(body: bytes):
     docs, single = codecs.parse_json(body)
-    return codecs.jobs_from_json(docs, "grad", careful=has_literals(body), max_rank=8, max_elements=10**8, max_jobs=64), single
+    return codecs.jobs_from_json(docs, "grad", careful=has_literals(body), limits=LIMITS, max_jobs=64), single
 
 
 def fast(body: bytes):
     decoded = fastjson.decode(body, max_rank=8)
     assert decoded is not None
     docs, single = decoded
-    return codecs.jobs_from_json(docs, "grad", careful=False, max_rank=8, max_elements=10**8, max_jobs=64), single
+    return codecs.jobs_from_json(docs, "grad", careful=False, limits=LIMITS, max_jobs=64), single
 
 
 def test_small_bodies_are_left_to_the_general_path():

@@ -9,22 +9,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.dataplane.limits import Limits
 from service.protocols.tensors.arrays import has_literals
 from service.protocols.v1 import codec as v1
 
-from helpers import make_settings
 
 F32_MAX = float(np.finfo(np.float32).max)
+LIMITS = Limits(max_rank=8, max_elements=10**7, max_cost=1e18)
 
 
 def general(endpoint: str, body: bytes):
     docs, _ = v1.parse_json(body)
-    return v1.jobs_from_json(docs, endpoint, careful=has_literals(body), max_rank=8, max_elements=10**7,
-                             max_jobs=64)[0]
+    return v1.jobs_from_json(docs, endpoint, careful=has_literals(body), limits=LIMITS, max_jobs=64)[0]
 
 
 def codec(endpoint: str) -> v1.V1Codec:
-    return v1.V1Codec(endpoint, make_settings(max_elements=10**7))
+    return v1.V1Codec(endpoint, LIMITS, max_jobs=64)
 
 
 def same(a, b) -> None:

@@ -16,6 +16,8 @@ from ...errors import ApiError
 if TYPE_CHECKING:
     import surrogate_core as core
 
+    from ...dataplane.limits import Limits
+
 __all__ = [
     "MAX_JSON_ARRAYS",
     "RankError",
@@ -71,15 +73,16 @@ class RankError(ValueError):
     """A nested list deeper than the rank limit (``too_large``, as for binary arrays)."""
 
 
-def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.ndarray:
+def json_array(value: Any, field: str, *, careful: bool, limits: Limits) -> np.ndarray:
     """A JSON number or rectangular nested list of numbers as a NumPy array (float64 or int64).
 
     Raises ``ValueError`` with a message that points at the offending element (``x[1][2]: ...``),
-    ``RankError`` (a ``ValueError``) past ``max_rank``.
+    ``RankError`` (a ``ValueError``) past the rank limit.
     """
     if isinstance(value, np.ndarray):  # decoded by the simdjson fast path: float64, rectangular
-        if value.ndim > max_rank:
-            raise RankError(f"{field}: rank {value.ndim} exceeds the limit of {max_rank}")
+        problem = limits.rank(value.ndim)
+        if problem is not None:
+            raise RankError(f"{field}: {problem}")
         return value
     if isinstance(value, bool) or value is None or not isinstance(value, (int, float, list)):
         raise ValueError(f"{field}: expected a number or a nested list of numbers, got {kind(value)}")
@@ -93,12 +96,13 @@ def json_array(value: Any, field: str, *, careful: bool, max_rank: int) -> np.nd
         except (ValueError, TypeError, OverflowError):
             a = None
         if a is not None and a.dtype.kind in "if":
-            if a.ndim > max_rank:
-                raise RankError(f"{field}: rank {a.ndim} exceeds the limit of {max_rank}")
+            problem = limits.rank(a.ndim)
+            if problem is not None:
+                raise RankError(f"{field}: {problem}")
             # a JSON number is read as the nearest float64 (as the simdjson path and most JSON
             # readers do), then cast to the job's dtype: integers take the same route as decimals
             return a if a.dtype.kind == "f" else a.astype(np.float64)
-    shape = _walk(value, field, max_rank)
+    shape = _walk(value, field, limits)
     try:
         return np.asarray(value, dtype=np.float64).reshape(shape)
     except OverflowError:
@@ -112,7 +116,7 @@ def _big_int(v: int, field: str) -> np.ndarray:
         raise ValueError(f"{field}: integer {v} is too large for a float64") from None
 
 
-def _walk(value: Any, path: str, max_rank: int) -> tuple[int, ...]:
+def _walk(value: Any, path: str, limits: Limits) -> tuple[int, ...]:
     """Check a nested list is rectangular and all numbers; return its shape.
 
     Depth-first, so the first offending element is reported with its index path (``x[1][2]``).
@@ -121,8 +125,9 @@ def _walk(value: Any, path: str, max_rank: int) -> tuple[int, ...]:
     v: Any = value
     while isinstance(v, list):  # the shape is read off the first element at each depth
         shape.append(len(v))
-        if len(shape) > max_rank:
-            raise RankError(f"{path}: rank exceeds the limit of {max_rank}")
+        problem = limits.rank(len(shape))
+        if problem is not None:  # (the nesting goes deeper still: the rank is not known)
+            raise RankError(f"{path}: rank exceeds the limit of {limits.max_rank}")
         if not v:
             break
         v = v[0]

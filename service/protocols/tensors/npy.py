@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npformat
 
+from ...dataplane.limits import Limits
 from ...errors import ApiError
 
 __all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "answer_bytes", "decode_npy", "decode_npz", "npy_parts"]
@@ -89,13 +90,11 @@ def _check_shape(shape: Any, dtype: np.dtype, field: str) -> None:
         raise _bad(f"shape {list(shape)} is not valid: too large to represent", field)
 
 
-def _limits(shape: tuple[int, ...], field: str, max_rank: int, max_elements: int) -> int:
-    if len(shape) > max_rank:
-        raise _bad(f"rank {len(shape)} exceeds the limit of {max_rank}", field, "too_large")
-    n = math.prod(shape)
-    if n > max_elements:
-        raise _bad(f"shape {list(shape)} has {n} elements, over the limit of {max_elements}", field, "too_large")
-    return n
+def _limits(shape: tuple[int, ...], field: str, limits: Limits, max_elements: int | None = None) -> int:
+    problem = limits.shape(shape, max_elements)
+    if problem is not None:
+        raise _bad(problem, field, "too_large")
+    return math.prod(shape)
 
 
 def _array(
@@ -126,7 +125,7 @@ def _cached_header(head: bytes, field: str) -> tuple[tuple[int, ...], bool, np.d
     return _read_header(io.BytesIO(head), field)
 
 
-def decode_npy(body: bytes, *, field: str = "x", max_rank: int, max_elements: int) -> np.ndarray:
+def decode_npy(body: bytes, *, field: str = "x", limits: Limits) -> np.ndarray:
     """A ``.npy`` body as a read-only array (no copy when it is native and C-ordered)."""
     end = _header_end(body)
     if end is not None and end <= min(len(body), 256):  # a short header: parsed once, then remembered
@@ -136,7 +135,7 @@ def decode_npy(body: bytes, *, field: str = "x", max_rank: int, max_elements: in
         fp = io.BytesIO(body)
         shape, fortran, dtype = _read_header(fp, field)
         offset = fp.tell()
-    n = _limits(shape, field, max_rank, max_elements)
+    n = _limits(shape, field, limits)
     expected = n * dtype.itemsize
     if len(body) - offset != expected:
         raise _bad(
@@ -158,7 +157,7 @@ def npz_member_count(body: bytes) -> int | None:
     return entries  # 0xFFFF: a zip64 archive, far more members than allowed anyway
 
 
-def decode_npz(body: bytes, *, max_rank: int, max_elements: int) -> dict[str, np.ndarray]:
+def decode_npz(body: bytes, *, limits: Limits) -> dict[str, np.ndarray]:
     """The named arrays of an ``.npz`` body. The element limit applies to all members together."""
     declared = npz_member_count(body)
     if declared is not None and declared > MAX_NPZ_MEMBERS:
@@ -168,7 +167,7 @@ def decode_npz(body: bytes, *, max_rank: int, max_elements: int) -> dict[str, np
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
         raise _bad(f"not a valid .npz (zip) file: {exc}") from None
     out: dict[str, np.ndarray] = {}
-    budget = max_elements
+    budget = limits.max_elements
     with zf:
         infos = zf.infolist()
         if len(infos) > MAX_NPZ_MEMBERS:
@@ -181,7 +180,7 @@ def decode_npz(body: bytes, *, max_rank: int, max_elements: int) -> dict[str, np
             try:
                 with zf.open(info) as fp:
                     shape, fortran, dtype = _read_header(fp, field)
-                    n = _limits(shape, field, max_rank, budget)
+                    n = _limits(shape, field, limits, budget)
                     expected = n * dtype.itemsize
                     data = fp.read(expected + 1)  # bounded: never inflate more than declared + 1 byte
             except ApiError:

@@ -22,6 +22,7 @@ import surrogate_core as core
 from surrogate_core._jobs import unknown_param_message
 
 from ...compute import Answer, Head
+from ...dataplane.limits import Limits
 from ...errors import ApiError, error_json
 from ..tensors import fastjson
 from ..tensors.arrays import (
@@ -190,32 +191,18 @@ def result_dict(op_key: str, surrogate: str, dtype: str, arr: np.ndarray) -> dic
     return {"surrogate": surrogate, "dtype": dtype, "shape": list(arr.shape), op_key: for_json(arr)}
 
 
-def jobs_from_json(
-    docs: list[Any], endpoint: str, *, careful: bool, max_rank: int, max_elements: int, max_jobs: int
-) -> list[core.Job]:
-    """Turn parsed JSON job objects into validated core jobs; ``ApiError`` 422 names job and field."""
+def jobs_from_json(docs: list[Any], endpoint: str, *, careful: bool, limits: Limits, max_jobs: int) -> list[core.Job]:
+    """Turn parsed JSON job objects into validated core jobs; ``ApiError`` 422 names job and field.
+    (Their elements, over the request, are the data plane's to count.)"""
     if not docs:
         raise ApiError(422, "empty list of jobs; send at least one job object", code="empty_batch")
     if len(docs) > max_jobs:
         raise ApiError(422, f"{len(docs)} jobs in one request, over the limit of {max_jobs}", code="too_large")
-    limits = core.Limits(max_rank=max_rank, max_elements=max_elements)
     jobs: list[core.Job] = []
-    total = 0
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):
             raise ApiError(422, f"job {i}: must be a JSON object, got {kind(doc)}", job=i, code="invalid_type")
-        job = _job_from_json(i, doc, endpoint, careful=careful, limits=limits)
-        total += job.size
-        if total > max_elements:
-            raise ApiError(
-                422,
-                f"job {i}: the request has more than {max_elements} elements in all (after broadcasting), "
-                "over the limit",
-                job=i,
-                field="x",
-                code="too_large",
-            )
-        jobs.append(job)
+        jobs.append(_job_from_json(i, doc, endpoint, careful=careful, limits=limits))
     return jobs
 
 
@@ -244,7 +231,7 @@ def _make_job(
         raise _fail(i, exc.field, exc.message, exc.code) from None
 
 
-def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool, limits: core.Limits) -> core.Job:
+def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool, limits: Limits) -> core.Job:
     def fail(field: str | None, message: str, code: str = "invalid_value") -> ApiError:
         return _fail(i, field, message, code)
 
@@ -267,7 +254,7 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
         ):
             raise fail(key, _unknown(key, sur, endpoint), "unknown_field")
         try:
-            arr = json_array(value, key, careful=careful, max_rank=limits.max_rank)
+            arr = json_array(value, key, careful=careful, limits=limits)
         except ValueError as exc:
             code = "too_large" if isinstance(exc, RankError) else "invalid_type"
             raise fail(key, str(exc).removeprefix(f"{key}: "), code) from None
@@ -277,11 +264,11 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
             ct = arr
         else:
             params[key] = arr
-    return _make_job(i, endpoint, x, ct, params, surrogate, dtype, limits)
+    return _make_job(i, endpoint, x, ct, params, surrogate, dtype, limits.core)
 
 
 def job_from_binary(
-    endpoint: str, media_type: str, body: bytes, query: list[tuple[str, str]], *, max_rank: int, max_elements: int
+    endpoint: str, media_type: str, body: bytes, query: list[tuple[str, str]], *, limits: Limits
 ) -> core.Job:
     """One job from an ``.npy`` (x) or ``.npz`` (x, parameters, cotangent) body plus the query string
     (surrogate, dtype and scalar parameters)."""
@@ -300,9 +287,9 @@ def job_from_binary(
     if dtype is not None and dtype not in core.DTYPES:
         raise fail("dtype", f"unknown dtype {dtype!r}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
     if media_type == NPY:
-        arrays = {"x": decode_npy(body, max_rank=max_rank, max_elements=max_elements)}
+        arrays = {"x": decode_npy(body, limits=limits)}
     else:
-        arrays = decode_npz(body, max_rank=max_rank, max_elements=max_elements)
+        arrays = decode_npz(body, limits=limits)
         if "x" not in arrays:
             raise fail("x", "the .npz has no member named x", "missing_field")
     allowed = set(sur.param_names) | ({"cotangent"} if endpoint == "grad" else set())
@@ -324,8 +311,7 @@ def job_from_binary(
         arrays[key] = np.asarray(float(raw))
     x = arrays.pop("x")
     ct = arrays.pop("cotangent", None)
-    limits = core.Limits(max_rank=max_rank, max_elements=max_elements)
-    return _make_job(0, endpoint, x, ct, arrays, surrogate, dtype, limits)
+    return _make_job(0, endpoint, x, ct, arrays, surrogate, dtype, limits.core)
 
 
 # A JSON-style number, plus nan/inf spellings (refused later by the constraints, with a clear message)
@@ -396,12 +382,10 @@ class V1Codec:
     protocol = "v1"
     job_index = True
 
-    def __init__(self, endpoint: str, settings: Any) -> None:
+    def __init__(self, endpoint: str, limits: Limits, *, max_jobs: int) -> None:
         self.endpoint = endpoint
-        self.max_rank = settings.max_rank
-        self.max_elements = settings.max_elements
-        self.max_jobs = settings.max_jobs
-        self.limits = core.Limits(max_rank=settings.max_rank, max_elements=settings.max_elements)
+        self.limits = limits
+        self.max_jobs = max_jobs
 
     render_error = staticmethod(render_error)
 
@@ -431,13 +415,11 @@ class V1Codec:
                 return V1Decoded([job], True, request.npy)
         if request.media == JSON:
             careful = has_literals(body)
-            fast = None if careful else fastjson.decode(body, max_rank=self.max_rank)
+            fast = None if careful else fastjson.decode(body, max_rank=self.limits.max_rank)
             docs, single = fast if fast is not None else parse_json(body)
-            jobs = jobs_from_json(docs, self.endpoint, careful=careful, max_rank=self.max_rank,
-                                  max_elements=self.max_elements, max_jobs=self.max_jobs)
+            jobs = jobs_from_json(docs, self.endpoint, careful=careful, limits=self.limits, max_jobs=self.max_jobs)
         else:
-            jobs = [job_from_binary(self.endpoint, request.media, body, request.query, max_rank=self.max_rank,
-                                    max_elements=self.max_elements)]
+            jobs = [job_from_binary(self.endpoint, request.media, body, request.query, limits=self.limits)]
             single = True
         if request.npy and not single:
             raise ApiError(406, f"a list of jobs is answered in JSON only; drop 'Accept: {NPY}' or send one job")
@@ -489,13 +471,13 @@ class V1Codec:
                 a = np.asarray(x)
             except (ValueError, TypeError, OverflowError):
                 return None
-            if a.dtype.kind not in "if" or a.ndim > self.max_rank:
+            if a.dtype.kind not in "if" or self.limits.rank(a.ndim) is not None:
                 return None
             if a.dtype.kind == "i":
                 a = a.astype(np.float64)
         op = "grad" if self.endpoint == "grad" else self.endpoint
         try:
-            return core.make_job(op, a, surrogate=surrogate, dtype=dtype, params=params, limits=self.limits)
+            return core.make_job(op, a, surrogate=surrogate, dtype=dtype, params=params, limits=self.limits.core)
         except core.JobError:
             return None
 

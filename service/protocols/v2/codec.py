@@ -26,6 +26,7 @@ import orjson
 import surrogate_core as core
 
 from ...compute import Answer, Head
+from ...dataplane.limits import Limits
 from ...errors import ApiError
 from ..tensors import fastjson
 from ..tensors.arrays import check_finite, for_json, has_literals, json_array, json_parse_bytes, qualities
@@ -88,24 +89,22 @@ def describe_model(sur: core.Surrogate) -> dict[str, Any]:
 
 # -- infer ------------------------------------------------------------------------------------
 
-def _shape(t: dict[str, Any], name: str, max_rank: int, max_elements: int) -> tuple[int, ...]:
+def _shape(t: dict[str, Any], name: str, limits: Limits) -> tuple[int, ...]:
     shape = t.get("shape")
     if not isinstance(shape, list) or any(type(d) is not int for d in shape):
         raise _bad(f"input {name!r}: 'shape' must be a list of integers, got {shape!r}", name)
-    if len(shape) > max_rank:
-        raise ApiError(400, f"input {name!r}: rank {len(shape)} exceeds the limit of {max_rank}", field=name,
-                       code="too_large", reason="too_large")
-    if any(d < 0 for d in shape):
-        raise _bad(f"input {name!r}: negative dimension in shape {shape}", name)
-    n = math.prod(shape)
-    if n > max_elements:
-        raise ApiError(400, f"input {name!r}: shape {shape} has {n} elements, over the limit of {max_elements}",
-                       field=name, code="too_large", reason="too_large")
+    problem = limits.rank(len(shape))
+    if problem is None:
+        if any(d < 0 for d in shape):
+            raise _bad(f"input {name!r}: negative dimension in shape {shape}", name)
+        problem = limits.shape(shape)
+    if problem is not None:
+        raise ApiError(400, f"input {name!r}: {problem}", field=name, code="too_large", reason="too_large")
     return tuple(shape)
 
 
 def _decode_input(
-    t: Any, i: int, rest: memoryview, offset: int, careful: bool, s: Any
+    t: Any, i: int, rest: memoryview, offset: int, careful: bool, limits: Limits
 ) -> tuple[str, np.ndarray, str, int]:
     """One input tensor: (name, array, its datatype as a core dtype name, offset past its binary data)."""
     if not isinstance(t, dict):
@@ -121,7 +120,7 @@ def _decode_input(
             name,
         )
     dtype = DATATYPES[datatype]
-    shape = _shape(t, name, s.max_rank, s.max_elements)
+    shape = _shape(t, name, limits)
     n = math.prod(shape)
     params = t.get("parameters") or {}
     if not isinstance(params, dict):
@@ -150,7 +149,7 @@ def _decode_input(
     if "data" not in t:
         raise _bad(f"input {name!r}: has neither data nor parameters.binary_data_size", name)
     try:  # a JSON number is read as the nearest float64, then cast to the computation dtype
-        a = json_array(t["data"], name, careful=careful, max_rank=s.max_rank)
+        a = json_array(t["data"], name, careful=careful, limits=limits)
     except ValueError as exc:
         raise _bad(f"input {exc}", name) from None
     if a.size != n:
@@ -188,8 +187,8 @@ class V2Codec:
     endpoint = "infer"
     job_index = False
 
-    def __init__(self, settings: Any) -> None:
-        self.settings = settings
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
 
     render_error = staticmethod(render_error)
 
@@ -203,7 +202,7 @@ class V2Codec:
 
     def decode(self, request: V2Request, body: bytes) -> V2Decoded:
         head_end = _head_end(request.head_length, len(body))
-        req, outputs, jobs = _decode(request.model, body, head_end, self.settings)
+        req, outputs, jobs = _decode(request.model, body, head_end, self.limits)
         return V2Decoded(request, req, outputs, jobs)
 
     @staticmethod
@@ -252,7 +251,7 @@ def _head_end(raw: str | None, size: int) -> int:
     return n
 
 
-def _decode(sur: core.Surrogate, body: bytes, head_end: int, s: Any
+def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits
             ) -> tuple[dict[str, Any], list[tuple[str, bool]], list[core.Job]]:
     """An infer request's JSON header (``body[:head_end]``) and binary tensors (the rest) into core
     jobs, one per requested output."""
@@ -284,7 +283,7 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, s: Any
     dtype = "float32"
     offset = 0
     for i, t in enumerate(inputs):
-        name, a, dt, offset = _decode_input(t, i, rest, offset, careful, s)
+        name, a, dt, offset = _decode_input(t, i, rest, offset, careful, limits)
         if name == "x":
             dtype = dt  # the computation (and output) dtype is x's datatype
         if name in arrays:
@@ -323,12 +322,11 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, s: Any
     x = arrays.pop("x")
     params.update(arrays)
     outputs = _requested(req.get("outputs"), sur, cot is not None, binary_all)
-    limits = core.Limits(max_rank=s.max_rank, max_elements=s.max_elements)
     jobs = []
     for out_name, _ in outputs:
         try:
             job = core.make_job(OUTPUTS[out_name], x, surrogate=sur.name, dtype=dtype, params=params,
-                                cotangent=cot if out_name == "vjp" else None, limits=limits)
+                                cotangent=cot if out_name == "vjp" else None, limits=limits.core)
         except core.JobError as exc:
             kind = "parameter" if exc.field in sur.param_names and exc.field in params_in else "input"
             where = f"{kind} {exc.field!r}: " if exc.field else ""
