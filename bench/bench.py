@@ -154,16 +154,21 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def paired_medians(fns: list, repeats: int, warmup: int = 2) -> list[float]:
-    """Medians of several functions timed round-robin (one call of each per round), so that drifts
-    in the machine's load hit every contender alike: the ratios are what this reports best."""
+    """Medians of several functions timed round-robin (one call of each per round, in a new random
+    order each round), so that drifts in the machine's load hit every contender alike and none is
+    always the first call after another server's turn (whose caches the others warmed): the ratios
+    are what this reports best."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     ts: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        shuffle(order)
+        for i in order:
             t0 = time.perf_counter()
-            fn()
+            fns[i]()
             ts[i].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in ts]
 
