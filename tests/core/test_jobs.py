@@ -81,3 +81,22 @@ def test_dtype_of_x_is_kept_when_not_given():
     for name, dt in sc.DTYPES.items():
         assert sc.make_job("grad", np.zeros(2, dt)).dtype == name
     assert sc.make_job("grad", [1, 2]).dtype == "float32"
+
+
+def test_a_job_seen_before_is_made_the_same_way_without_validating_again():
+    x = np.linspace(-2, 2, 7, dtype=np.float32)
+    first = sc.make_job("grad", x, dtype="float32", params={"alpha": 2.0}, limits=sc.Limits(max_elements=None))
+    again = sc.make_job("grad", x * 2, dtype="float32", params={"alpha": 2.0}, limits=sc.Limits(max_elements=None))
+    assert again.params is first.params and again.shape == (7,) and np.array_equal(again.x, x * 2)
+    assert (again.op, again.surrogate, again.dtype, again.cotangent) == ("grad", "piecewise_quadratic", "float32", None)
+    # anything the remembered job did not check is checked again
+    with pytest.raises(sc.JobError, match="rank"):
+        sc.make_job("grad", np.zeros((1,) * 9, np.float32), dtype="float32", params={"alpha": 2.0},
+                    limits=sc.Limits(max_elements=None))
+    cast = sc.make_job("grad", x.astype(np.float64), dtype="float32", params={"alpha": 2.0},
+                       limits=sc.Limits(max_elements=None))
+    assert cast.x.dtype == np.float32
+    with pytest.raises(sc.JobError, match="alpha"):
+        sc.make_job("grad", x, dtype="float32", params={"alpha": -2.0}, limits=sc.Limits(max_elements=None))
+    with pytest.raises(sc.JobError, match="over the limit"):
+        sc.make_job("grad", x, dtype="float32", params={"alpha": 2.0}, limits=sc.Limits(max_elements=3))
