@@ -81,3 +81,24 @@ def test_the_small_job_decoder_makes_the_general_paths_job_or_declines(x, dtype,
 ])
 def test_the_small_job_decoder_declines_what_is_unusual_or_wrong(body):
     assert codec("grad")._fast_job(body) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=st.lists(numbers, max_size=40))
+def test_a_small_v2_x_is_read_as_the_general_path_reads_it(x):
+    """/v2 reads a short flat FP32 x of floats in one cast; the values are those of the general
+    reading (each JSON number as the nearest float64, then float32)."""
+    from service.protocols.tensors.arrays import small_float32
+    from service.protocols.v2 import codec as v2
+
+    a = small_float32(x)
+    if a is None:
+        return
+    with np.errstate(over="raise"):
+        expected = np.asarray(x, np.float64).astype(np.float32)
+    assert a.dtype == np.float32 and a.tobytes() == expected.tobytes()
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": [len(x)], "datatype": "FP32", "data": x}],
+                        "outputs": [{"name": "grad"}]})
+    request = v2.V2Request(v2.model("piecewise_quadratic"), None, None)
+    (job,) = v2.V2Codec(LIMITS).decode(request, body).jobs
+    assert job.dtype == "float32" and job.x.tobytes() == expected.tobytes()

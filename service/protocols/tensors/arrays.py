@@ -30,6 +30,7 @@ __all__ = [
     "json_parse_bytes",
     "kind",
     "qualities",
+    "small_float32",
 ]
 
 _NUMPY_JSON = orjson.OPT_SERIALIZE_NUMPY
@@ -71,6 +72,19 @@ def kind(v: Any) -> str:
 
 class RankError(ValueError):
     """A nested list deeper than the rank limit (``too_large``, as for binary arrays)."""
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def small_float32(values: Any) -> np.ndarray | None:
+    """A short flat list of JSON floats as float32, cast once: each number is a float64 already, so
+    this is the float64-then-float32 reading of the general path, with no overflow to look for.
+    ``None`` for anything else (integers, nesting, values past float32's range, long lists)."""
+    if type(values) is list and len(values) <= 256 and all(type(v) is float for v in values) \
+            and (not values or max(map(abs, values)) <= _F32_MAX):
+        return np.asarray(values, np.float32)
+    return None
 
 
 def json_array(value: Any, field: str, *, careful: bool, limits: Limits) -> np.ndarray:

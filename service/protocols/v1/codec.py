@@ -35,6 +35,7 @@ from ..tensors.arrays import (
     json_parse_bytes,
     kind,
     qualities,
+    small_float32,
 )
 from ..tensors.jsonout import PIECE, result_pieces
 from ..tensors.npy import NPY, NPZ, answer_bytes, decode_npy, decode_npz, npy_parts
@@ -341,7 +342,6 @@ JSON = "application/json"
 #: JSON bodies up to this size first try the decoder of a plain job object (``V1Codec._fast_job``).
 FAST_BYTES = 16 * 1024
 _EXACT = 2**53  # integers up to this size are exactly floats
-_F32_MAX = float(np.finfo(np.float32).max)
 _MEDIA = (JSON, NPY, NPZ)
 _MEDIA_OF: dict[str | None, str] = {}  # Content-Type header -> media type, for those accepted
 _NPY = NPY.encode()
@@ -461,12 +461,8 @@ class V1Codec:
         # a repeated key, an escaped quote or true/false anywhere: the general path reads the body
         if b"\\" in body or body.count(b'"') != 2 * (len(doc) + strings) or has_literals(body):
             return None
-        if dtype == "float32" and len(x) <= 256 and all(type(v) is float for v in x) \
-                and (not x or max(map(abs, x)) <= _F32_MAX):
-            # a short flat list of floats that float32 holds: cast once, as float64 then float32
-            # would (each number is a float64 already), with no overflow to look for
-            a = np.asarray(x, np.float32)
-        else:
+        a = small_float32(x) if dtype == "float32" else None
+        if a is None:
             try:
                 a = np.asarray(x)
             except (ValueError, TypeError, OverflowError):
