@@ -215,5 +215,6 @@ class DeviceError(Exception):
 
     @property
     def resource_exhausted(self) -> bool:
-        text = f"{type(self.cause).__name__} {self.cause}"
-        return isinstance(self.cause, MemoryError) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+        text = f"{type(self.cause).__name__} {self.cause}".lower()
+        return isinstance(self.cause, MemoryError) or any(
+            s in text for s in ("resource_exhausted", "resource exhausted", "out of memory", "oom when allocating"))

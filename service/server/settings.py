@@ -175,7 +175,7 @@ class Settings(BaseSettings):
 def _read_tokens(path: Path) -> list[str]:
     """The tokens of a token file: one per line, blank lines and ``#`` comments ignored."""
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():  # a byte-order mark is not a token
         line = line.strip()
         if line and not line.startswith("#"):
             out.append(line)
