@@ -5,7 +5,6 @@ with /v1 bit for bit."""
 from __future__ import annotations
 
 import gzip
-import struct
 import zlib
 
 import httpx
@@ -307,11 +306,6 @@ async def test_metrics_label_the_protocol(client):
     await infer(client, [tensor("x", SEED)])
     text = (await client.get("/metrics")).text
     assert 'surrogate_requests_total{endpoint="/v2/models/{model}/infer",protocol="v2",status="200"} 1.0' in text
-
-
-def test_binary_helper_round_trips():  # the test's own decoder, against struct
-    t, raw = tensor("x", [1.0, -2.0], "FP32", binary=True)
-    assert struct.unpack("<2f", raw) == (1.0, -2.0) and t["parameters"]["binary_data_size"] == 8
 
 
 @pytest.mark.parametrize("n", [16, 50_000])  # below and above the size where simdjson reads the body

@@ -253,11 +253,10 @@ def _head_end(raw: str | None, size: int) -> int:
     whole body without it)."""
     if raw is None:
         return size
-    try:
-        n = int(raw)
-    except ValueError:
-        raise _bad(f"Inference-Header-Content-Length {raw!r} is not an integer") from None
-    if n < 0 or n > size:
+    if not (raw.isascii() and raw.isdigit()):  # digits only: no sign, space, underscore or other digit
+        raise _bad(f"Inference-Header-Content-Length {raw[:64]!r} is not a non-negative integer (digits only)")
+    n = int(raw)
+    if n > size:
         raise _bad(f"Inference-Header-Content-Length {n} is past the end of the {size}-byte body")
     return n
 
