@@ -81,3 +81,31 @@ def test_sigterm_exits_cleanly(server):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "computing on cpu" in out and "warm-up compiled" in out
+
+
+def test_uvicorn_serves_the_app_factory():
+    """``uvicorn --factory service.app:create_app``: the app is an ordinary ASGI (FastAPI) app."""
+    port = free_port()
+    env = dict(os.environ, SURROGATE_WARMUP_MAX_ELEMENTS="1024")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, "uvicorn did not serve the app"
+                time.sleep(0.2)
+            r = c.post("/v1/grad", json={"x": [-2.0, -0.5, 0.0, 0.5, 2.0], "alpha": 1.0})
+            assert r.status_code == 200 and r.json()["grad"] == [0.0, 0.5, 1.0, 0.5, 0.0]
+            assert c.get("/openapi.json").json()["paths"]["/v1/grad"]["post"]["operationId"] == "grad"
+    finally:
+        proc.terminate()
+        proc.wait(30)
