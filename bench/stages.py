@@ -80,14 +80,9 @@ def _median_async(loop: asyncio.AbstractEventLoop, fn: Any, repeats: int) -> flo
 
 
 def _median(fn: Any, repeats: int) -> float:
-    for _ in range(50):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    from bench import median_time
+
+    return median_time(fn, repeats, warmup=50)
 
 
 def measure(quick: bool = False) -> dict[str, dict[str, float]]:
