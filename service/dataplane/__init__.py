@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio.to_thread
 import numpy as np
@@ -38,12 +38,9 @@ from .limits import Limits
 from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
 
-__all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Deadlines", "Limits", "Ticket", "off_loop_if", "working_set"]
+__all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Deadlines", "Limits", "Ticket", "working_set"]
 
 log = logging.getLogger("service.dataplane")
-
-T = TypeVar("T")
-
 
 class DataPlane:
     def __init__(self, settings: Settings, engine: core.Engine) -> None:
@@ -137,14 +134,6 @@ class DataPlane:
 
 #: Request bodies larger than this are decoded in a worker thread, so the event loop stays free.
 OFFLOAD_BYTES = 1 << 20
-
-
-async def off_loop_if(large: bool, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``: in a worker thread when ``large`` (so the event loop stays free), else inline
-    (cheaper than a thread hop)."""
-    if large:
-        return await anyio.to_thread.run_sync(fn, *args)
-    return fn(*args)
 
 
 #: Requests of at most this many elements reserve ``SMALL_JOB_BYTES`` per job plus 96 bytes per element
