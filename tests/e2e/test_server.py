@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,29 +24,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextlib.contextmanager
+def started_server():
+    """``python -m service`` on a free port, ready; killed at the end if it still runs."""
     port = free_port()
     env = dict(os.environ, SURROGATE_PORT=str(port), SURROGATE_HOST="127.0.0.1", SURROGATE_WARMUP_MAX_ELEMENTS="4096")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    with httpx.Client(base_url=base, timeout=5) as c:
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if c.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
-    yield base, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    try:
+        deadline = time.monotonic() + 90
+        with httpx.Client(base_url=base, timeout=5) as c:
+            while True:
+                assert proc.poll() is None, proc.stdout.read()
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server did not become ready"
+                time.sleep(0.1)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with started_server() as s:
+        yield s
 
 
 def test_seed_example_over_http(server):
@@ -75,10 +87,10 @@ def test_large_request_over_http(server):
             assert abs(g[i] - want) < 1e-6
 
 
-def test_sigterm_exits_cleanly(server):
-    base, proc = server
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+def test_sigterm_exits_cleanly():
+    with started_server() as (_, proc):  # a server of its own: the module's serves the other tests
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "computing on cpu" in out and "warm-up compiled" in out
 
