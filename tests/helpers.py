@@ -21,3 +21,64 @@ def npz(**arrays) -> bytes:
     b = io.BytesIO()
     np.savez(b, **{k: np.asarray(v) for k, v in arrays.items()})
     return b.getvalue()
+
+
+class App:
+    """The app in process, its lifespan run, with an httpx client over the ASGI transport:
+    ``async with App(**settings) as a:`` gives ``a.app``, ``a.rt`` (the runtime) and ``a.client``."""
+
+    def __init__(self, settings: Settings | None = None, **kw) -> None:
+        from service.app import create_app
+
+        self.app = create_app(settings if settings is not None else make_settings(**kw))
+        self.rt = self.app.state.runtime
+        self.budget = self.rt.dataplane.budget
+
+    async def __aenter__(self):
+        import httpx
+
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://t", timeout=30
+        )
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.aclose()
+        await self._lifespan.__aexit__(*exc)
+
+
+#: Open Inference Protocol datatype -> the dtype of its binary tensor data (little-endian)
+def _wire() -> dict:
+    import ml_dtypes
+
+    return {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "BF16": ml_dtypes.bfloat16}
+
+
+WIRE = _wire()
+
+
+def tensor(name, a, datatype="FP32", binary=False):
+    """A /v2 input tensor of ``a``: JSON ``data``, or (binary) its parameters and raw bytes."""
+    import numpy as np
+
+    a = np.asarray(a)
+    t = {"name": name, "shape": list(a.shape), "datatype": datatype}
+    if binary:
+        raw = np.ascontiguousarray(a, dtype=WIRE[datatype]).tobytes()
+        t["parameters"] = {"binary_data_size": len(raw)}
+        return t, raw
+    t["data"] = a.ravel().tolist()
+    return t, b""
+
+
+def body(req, blobs=()):
+    """(body, headers) of a /v2 request: JSON alone, or the JSON header then the binary tensors."""
+    import orjson
+
+    head = orjson.dumps(req)
+    blobs = [b for b in blobs if b]
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"inference-header-content-length": str(len(head))}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,50 +11,16 @@ import time
 import httpx
 import pytest
 
+from liveserver import free_port, running_server
+
 pytestmark = pytest.mark.e2e
 
 SEED = [-2.0, -0.5, 0.0, 0.5, 2.0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def started_server():
-    """``python -m service`` on a free port, ready; killed at the end if it still runs."""
-    port = free_port()
-    env = dict(os.environ, SURROGATE_PORT=str(port), SURROGATE_HOST="127.0.0.1", SURROGATE_WARMUP_MAX_ELEMENTS="4096")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        with httpx.Client(base_url=base, timeout=5) as c:
-            while True:
-                assert proc.poll() is None, proc.stdout.read()
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server did not become ready"
-                time.sleep(0.1)
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def server():
-    with started_server() as s:
+    with running_server() as s:
         yield s
 
 
@@ -88,7 +52,7 @@ def test_large_request_over_http(server):
 
 
 def test_sigterm_exits_cleanly():
-    with started_server() as (_, proc):  # a server of its own: the module's serves the other tests
+    with running_server() as (_, proc):  # a server of its own: the module's serves the other tests
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out

@@ -14,31 +14,12 @@ import orjson
 import pytest
 
 import surrogate_core as sc
-from service.app import create_app
 from service.dataplane import working_set
 
-from helpers import make_settings
+from helpers import App
 
 pytestmark = pytest.mark.anyio
 JSON = {"content-type": "application/json"}
-
-
-class App:
-    def __init__(self, **kw):
-        self.app = create_app(make_settings(**kw))
-        self.rt = self.app.state.runtime
-        self.budget = self.rt.dataplane.budget
-
-    async def __aenter__(self):
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
-                                        base_url="http://t", timeout=30)
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.client.aclose()
-        await self._lifespan.__aexit__(*exc)
 
 
 def npy(a) -> bytes:

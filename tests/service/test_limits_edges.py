@@ -15,33 +15,17 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from helpers import make_settings, npy, npz
+from helpers import App as InProcessApp
+from helpers import npy, npz
 from prometheus_client.parser import text_string_to_metric_families
 
 import surrogate_core as core
-from service.app import create_app
 
 pytestmark = pytest.mark.anyio
 JSON, NPY, NPZ = "application/json", "application/x-npy", "application/x-npz"
 
 
-class App:
-    def __init__(self, **kw: Any) -> None:
-        self.app = create_app(make_settings(**kw))
-        self.rt = self.app.state.runtime
-
-    async def __aenter__(self) -> App:
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://t", timeout=30
-        )
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.client.aclose()
-        await self._lifespan.__aexit__(*exc)
-
+class App(InProcessApp):
     async def post(self, body: bytes, ctype: str = JSON, path: str = "/v1/grad", **headers: str) -> httpx.Response:
         return await self.client.post(path, content=body, headers={"content-type": ctype, **headers})
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import numpy as np
 import orjson
 import pytest
@@ -13,30 +12,12 @@ import pytest
 from service.app import create_app
 from service.server.settings import Settings
 
-from helpers import make_settings
+from helpers import App, make_settings
 
 pytestmark = pytest.mark.anyio
 TOKEN = "s3cret-token-0123456789"
 JSON = {"content-type": "application/json"}
 SEED = [-2.0, -0.5, 0.0, 0.5, 2.0]
-
-
-class App:
-    def __init__(self, **kw):
-        self.app = create_app(make_settings(**kw))
-        self.rt = self.app.state.runtime
-
-    async def __aenter__(self):
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://t", timeout=30
-        )
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.client.aclose()
-        await self._lifespan.__aexit__(*exc)
 
 
 def slow_engine(rt, seconds: float):

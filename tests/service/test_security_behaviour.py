@@ -9,13 +9,12 @@ from __future__ import annotations
 import io
 import math
 
-import httpx
 import numpy as np
 import orjson
 import pytest
-from helpers import make_settings, npz
+from helpers import App as InProcessApp
+from helpers import npz
 
-from service.app import create_app
 from service.errors import ApiError
 from service.server.security import check_token, token_digests
 from service.server.settings import Settings, load_settings
@@ -44,23 +43,7 @@ def npy(a) -> bytes:
     return b.getvalue()
 
 
-class App:
-    def __init__(self, settings: Settings | None = None, **kw):
-        self.app = create_app(settings if settings is not None else make_settings(**kw))
-        self.rt = self.app.state.runtime
-
-    async def __aenter__(self):
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://t", timeout=30
-        )
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.client.aclose()
-        await self._lifespan.__aexit__(*exc)
-
+class App(InProcessApp):
     async def status_with(self, token: str | None) -> dict[str, int]:
         """The status of a compute (v1 and v2), a metadata and the metrics request with ``token``."""
         h = {} if token is None else {"authorization": f"Bearer {token}"}

@@ -8,7 +8,6 @@ import gzip
 import zlib
 
 import httpx
-import ml_dtypes
 import numpy as np
 import orjson
 import pytest
@@ -17,34 +16,11 @@ import surrogate_core as sc
 from reference import pq_grad
 from service.app import create_app
 
-from helpers import make_settings
+from helpers import WIRE, body, make_settings, tensor
 
 pytestmark = pytest.mark.anyio
 SEED = [-2.0, -0.5, 0.0, 0.5, 2.0]
 INFER = "/v2/models/piecewise_quadratic/infer"
-WIRE = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "BF16": ml_dtypes.bfloat16}
-
-
-def tensor(name, a, datatype="FP32", binary=False):
-    a = np.asarray(a)
-    t = {"name": name, "shape": list(a.shape), "datatype": datatype}
-    if binary:
-        raw = np.ascontiguousarray(a, dtype=WIRE[datatype]).tobytes()
-        t["parameters"] = {"binary_data_size": len(raw)}
-        return t, raw
-    t["data"] = a.ravel().tolist()
-    return t, b""
-
-
-def body(req, blobs=()):
-    """(body, headers) of a request: JSON alone, or the JSON header then the binary tensors."""
-    head = orjson.dumps(req)
-    blobs = [b for b in blobs if b]
-    if not blobs:
-        return head, {"content-type": "application/json"}
-    return head + b"".join(blobs), {"inference-header-content-length": str(len(head))}
-
-
 def outputs(r) -> dict[str, np.ndarray]:
     """The outputs of an answer, JSON or binary, as arrays of their datatype."""
     n = r.headers.get("inference-header-content-length")

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from helpers import make_settings
+from helpers import body, make_settings, tensor
 
 from service.app import create_app
 
@@ -42,27 +42,6 @@ def grad_in(x64: np.ndarray, alpha: float, dt: np.dtype) -> np.ndarray:
     x, a = np.asarray(x64).astype(dt), dt.type(alpha)
     ax = np.abs(x)
     return np.where(ax > dt.type(1) / a, dt.type(0), a - a * a * ax).astype(dt)
-
-
-# -- the binary tensor data helpers (the same as test_v2's) ----------------------------------------
-
-def tensor(name: str, a: Any, datatype: str = "FP32", binary: bool = False) -> tuple[dict[str, Any], bytes]:
-    a = np.asarray(a)
-    t: dict[str, Any] = {"name": name, "shape": list(a.shape), "datatype": datatype}
-    if binary:
-        raw = np.ascontiguousarray(a, dtype=WIRE[datatype]).tobytes()
-        t["parameters"] = {"binary_data_size": len(raw)}
-        return t, raw
-    t["data"] = a.ravel().tolist()
-    return t, b""
-
-
-def body(req: dict[str, Any], blobs: Any = ()) -> tuple[bytes, dict[str, str]]:
-    head = orjson.dumps(req)
-    blobs = [b for b in blobs if b]
-    if not blobs:
-        return head, {"content-type": "application/json"}
-    return head + b"".join(blobs), {"inference-header-content-length": str(len(head))}
 
 
 @pytest.fixture
