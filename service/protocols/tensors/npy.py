@@ -17,15 +17,18 @@ import re
 import struct
 import sys
 import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numpy.lib import format as npformat
 
+import surrogate_core as core
+
 from ...dataplane.limits import Limits
 from ...errors import ApiError
 
-__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "answer_bytes", "decode_npy", "decode_npz", "npy_parts"]
+__all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "answer_bytes", "decode_npy", "decode_npz", "jobs_answer_bytes", "npy_parts"]
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -223,6 +226,15 @@ def _fits_v1(header: dict[str, Any]) -> bool:
 #: repr is at most 24 characters (``-2.2250738585072014e-308``), float32's 15 (``-1.17549435e-38``);
 #: float16 and bfloat16 are written through float32.
 _MAX_JSON_ELEMENT = {8: 24, 4: 15, 2: 15}
+
+
+def jobs_answer_bytes(jobs: Sequence[core.Job], *, json: bool) -> int:
+    """An upper estimate of the bytes of the answer to ``jobs`` (each result in its dtype, at least
+    4 bytes an element as the encoders write it), twice for JSON, which is built in a growing buffer."""
+    total = 0
+    for job in jobs:
+        total += answer_bytes(job.shape, max(core.DTYPES[job.dtype].itemsize, 4), json=json) * (2 if json else 1)
+    return total
 
 
 def answer_bytes(shape: tuple[int, ...], itemsize: int, json: bool) -> int:

@@ -38,7 +38,7 @@ from ..tensors.arrays import (
     small_float32,
 )
 from ..tensors.jsonout import PIECE, result_pieces
-from ..tensors.npy import NPY, NPZ, answer_bytes, decode_npy, decode_npz, npy_parts
+from ..tensors.npy import NPY, NPZ, decode_npy, decode_npz, jobs_answer_bytes, npy_parts
 
 __all__ = ["V1Codec", "accepts_npy", "job_from_binary", "jobs_from_json", "media_type", "parse_json",
            "render_error", "result_dict"]
@@ -487,12 +487,7 @@ class V1Codec:
 
     @staticmethod
     def answer_bytes(decoded: V1Decoded) -> int:
-        text = not decoded.npy
-        total = 0
-        for job in decoded.jobs:
-            item = max(core.DTYPES[job.dtype].itemsize, 4)
-            total += answer_bytes(job.shape, item, json=text) * (2 if text else 1)
-        return total
+        return jobs_answer_bytes(decoded.jobs, json=not decoded.npy)
 
     def encode(self, decoded: V1Decoded, results: list[Any]) -> Answer:
         jobs, endpoint = decoded.jobs, self.endpoint

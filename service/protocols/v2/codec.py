@@ -39,7 +39,7 @@ from ..tensors.arrays import (
     small_float32,
 )
 from ..tensors.fastjson import simdjson
-from ..tensors.npy import answer_bytes
+from ..tensors.npy import jobs_answer_bytes
 
 __all__ = ["DATATYPES", "OUTPUTS", "V2Codec", "describe_model", "model", "render_error"]
 
@@ -240,12 +240,7 @@ class V2Codec:
 
 def _answer_size(decoded: V2Decoded) -> int:
     """An upper estimate of an answer's bytes (twice for text, which is built in a growing buffer)."""
-    text = not all(b for _, b in decoded.outputs)
-    total = 0
-    for job in decoded.jobs:
-        item = max(core.DTYPES[job.dtype].itemsize, 4)
-        total += answer_bytes(job.shape, item, json=text) * (2 if text else 1)
-    return total
+    return jobs_answer_bytes(decoded.jobs, json=not all(b for _, b in decoded.outputs))
 
 
 def _head_end(raw: str | None, size: int) -> int:
