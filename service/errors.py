@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ApiError", "error_json"]
+__all__ = ["ApiError", "error_json", "shown", "ECHO_LIMIT"]
 
 
 _DEFAULT_CODES = {
@@ -38,6 +38,24 @@ _DEFAULT_CODES = {
 
 #: Codes that mean "a limit refused this request" (counted in ``surrogate_rejections_total``).
 LIMIT_CODES = frozenset({"body_too_large", "too_large", "request_timeout", "headers_too_large", "memory"})
+
+
+#: The most characters of a client's own value that an error message repeats.
+ECHO_LIMIT = 64
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with an ellipsis.
+
+    Error messages name what the client sent (a dtype, a key, a model name), but never repeat it
+    whole: a client's value may be megabytes long. Long strings are cut before ``repr`` runs, so
+    the cost is bounded too.
+    """
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        value = value[:limit]
+        return repr(value)[: limit + 2] + "…"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else text[: limit + 2] + "…"
 
 
 class ApiError(Exception):
