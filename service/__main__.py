@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root-path", help="path prefix a proxy strips before forwarding (default SURROGATE_ROOT_PATH)")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = load_settings(**overrides)
+    settings = load_settings({k: "--" + k.replace("_", "-") for k in overrides}, **overrides)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -32,10 +32,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 import surrogate_core as core
+from surrogate_core._registry import unknown_message
 
 from . import __version__
 from .compute import Answer, ComputeEndpoint
-from .errors import ApiError
+from .errors import ApiError, shown
 from .protocols.v1 import codec as v1
 from .protocols.v2 import codec as v2
 from .schemas import (
@@ -218,8 +219,8 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
     def surrogate(name: str) -> dict[str, Any]:
         try:
             return core.get(name).describe()
-        except KeyError as exc:
-            raise ApiError(404, exc.args[0], code="unknown_surrogate", field="name") from None
+        except KeyError:
+            raise ApiError(404, unknown_message(name, shown), code="unknown_surrogate", field="name") from None
 
     def info() -> dict[str, Any]:
         dev = core.device_info()
@@ -286,7 +287,7 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
         return {"ready": True}
 
     def model_metadata(model: str, version: str | None = None) -> dict[str, Any]:
-        return v2.describe_model(v2.model(model, version))
+        return v2.describe_model(v2.model(model, version), s.max_rank)
 
     def model_ready(model: str, version: str | None = None) -> dict[str, Any]:
         sur = v2.model(model, version)

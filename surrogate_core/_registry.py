@@ -24,6 +24,8 @@ __all__ = [
     "get",
     "names",
     "all_surrogates",
+    "suggest",
+    "unknown_message",
     "DEFAULT_SURROGATE",
     "POSITIVE",
     "NONNEGATIVE",
@@ -193,11 +195,56 @@ RESERVED_NAMES = frozenset({"x", "surrogate", "dtype", "cotangent"})
 
 
 def get(name: str) -> Surrogate:
-    """Return the registered surrogate ``name``; ``KeyError`` lists the known names."""
+    """Return the registered surrogate ``name``; ``KeyError`` suggests a name and lists the known ones."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown surrogate {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(unknown_message(name)) from None
+
+
+#: braintools' module path, which ``GET /v1/surrogates`` shows before each class name
+_BRAINTOOLS_PREFIX = "braintools.surrogate."
+#: Names longer than this are compared with nothing (no name comes near; difflib's cost stays bounded).
+_LONGEST = 100
+
+
+def _folded(name: str) -> str:
+    """``name`` lower-cased without ``_``, ``-``, ``.``, spaces: ``PiecewiseQuadratic`` and
+    ``piecewise_quadratic`` fold alike."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def suggest(name: object) -> str | None:
+    """The registered surrogate a client most likely meant by ``name``, which is not one.
+
+    braintools' class name (``Sigmoid``, ``braintools.surrogate.PiecewiseQuadratic``) gives its
+    surrogate; so does a name that differs only in case, ``_``, ``-`` or spaces
+    (``Piecewise-Quadratic``); otherwise the closest name by ``difflib`` (``sigmod``), or ``None``
+    when none is close. The one rule for every protocol's "did you mean ...?".
+    """
+    if not isinstance(name, str) or len(name) > _LONGEST:
+        return None
+    bare = name.removeprefix(_BRAINTOOLS_PREFIX)
+    for sur in _REGISTRY.values():
+        if bare == sur.braintools_name:
+            return sur.name
+    folded = {_folded(s.name): s.name for s in _REGISTRY.values()}
+    folded.update({_folded(s.braintools_name): s.name for s in _REGISTRY.values()})
+    key = _folded(bare)
+    if key in folded:
+        return folded[key]
+    import difflib
+
+    close = difflib.get_close_matches(key, list(folded), n=1)
+    return folded[close[0]] if close else None
+
+
+def unknown_message(name: object, show: Callable[[object], str] = repr) -> str:
+    """The message for an unknown surrogate ``name`` (written by ``show``: a server passes its own
+    bounded echo): the suggestion, if any, and the known names."""
+    close = suggest(name)
+    hint = f"did you mean {close!r}? " if close is not None else ""
+    return f"unknown surrogate {show(name)}; {hint}known: {', '.join(sorted(_REGISTRY))}"
 
 
 def names() -> list[str]:

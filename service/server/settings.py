@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +12,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["InvalidSettings", "Settings", "get_settings", "load_settings"]
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 class Settings(BaseSettings):
@@ -26,7 +29,7 @@ class Settings(BaseSettings):
         description="The path prefix a proxy strips before forwarding (e.g. `/api`); named in the contract's `servers`."
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="Log level of the service and the core."
+        "info", description="Log level of the service and the core, in any case (`debug` or `DEBUG`)."
     )
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (each has its own JAX runtime).")
     max_body_bytes: int = Field(
@@ -125,6 +128,13 @@ class Settings(BaseSettings):
         "(1, or e.g. n for squarewave_fourier_series).",
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_any_case(cls, v: object) -> object:
+        # DEBUG as Python's logging writes it, debug as uvicorn's --log-level does: both (a value that
+        # is no level in any case is refused as given)
+        return v.lower() if isinstance(v, str) and v.lower() in _LOG_LEVELS else v
+
     @field_validator("root_path")
     @classmethod
     def _root_path(cls, v: str | None) -> str | None:
@@ -198,14 +208,16 @@ class InvalidSettings(SystemExit):
         return "\n".join(self.problems)
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(flags: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
     """``Settings(**overrides)`` for a program's start: a bad setting is reported on stderr as one
     line per problem, ``surrogate-serve: invalid setting SURROGATE_PORT: ... (got '70000')``, never
-    with the value of a secret (a token) and never with a traceback, and the program exits with 2."""
+    with the value of a secret (a token) and never with a traceback, and the program exits with 2.
+    ``flags`` names the command-line option each override came from (``{"port": "--port"}``): a
+    problem with it is reported under that name, as the user wrote it."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = [_problem(e) for e in exc.errors(include_url=False)]
+        problems = [_problem(e, flags or {}) for e in exc.errors(include_url=False)]
     err = InvalidSettings(problems)
     print(str(err), file=sys.stderr)
     raise err
@@ -215,10 +227,10 @@ def load_settings(**overrides: Any) -> Settings:
 _SECRET = frozenset({"api_token"})
 
 
-def _problem(e: Any) -> str:
+def _problem(e: Any, flags: Mapping[str, str]) -> str:
     loc = [str(p) for p in e.get("loc", ())]
     name = loc[0] if loc else ""
-    where = f"SURROGATE_{name.upper()}" if name else "settings"
+    where = flags.get(name) or (f"SURROGATE_{name.upper()}" if name else "settings")
     msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
     line = f"surrogate-serve: invalid setting {where}: {msg}"
     # the value is shown, except for secrets and where the message says it already (our own checks)

@@ -20,11 +20,12 @@ import orjson
 
 import surrogate_core as core
 from surrogate_core._jobs import unknown_param_message
+from surrogate_core._registry import unknown_message
 
 from ...compute import Answer, Head
 from ...dataplane.limits import Limits
-from ...errors import ApiError, error_json
-from ..tensors import fastjson
+from ...errors import ApiError, error_json, shown
+from ..tensors import fastjson, jsonerror
 from ..tensors.arrays import (
     RankError,
     check_finite,
@@ -69,7 +70,7 @@ def parse_json(body: bytes) -> tuple[list[Any], bool]:
             raise ApiError(
                 422, f"{where}a number is out of float64 range ({exc})", code="not_representable", job=job, field=field
             ) from None
-        raise ApiError(400, f"invalid JSON: {exc}") from None
+        raise ApiError(400, f"invalid JSON: {jsonerror.explain(body, exc, 'v1')}") from None
     if isinstance(doc, dict):
         _no_duplicate_keys(body, [doc])
         return [doc], True
@@ -216,8 +217,8 @@ def _fail(i: int, field: str | None, message: str, code: str = "invalid_value") 
 def _surrogate(i: int, name: str) -> core.Surrogate:
     try:
         return core.get(name)
-    except KeyError as exc:
-        raise _fail(i, "surrogate", exc.args[0], "unknown_surrogate") from None
+    except KeyError:
+        raise _fail(i, "surrogate", unknown_message(name, shown), "unknown_surrogate") from None
 
 
 def _make_job(

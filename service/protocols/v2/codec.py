@@ -24,11 +24,12 @@ import numpy as np
 import orjson
 
 import surrogate_core as core
+from surrogate_core._registry import suggest
 
 from ...compute import Answer, Head
 from ...dataplane.limits import Limits
-from ...errors import ApiError
-from ..tensors import fastjson
+from ...errors import ApiError, shown
+from ..tensors import fastjson, jsonerror
 from ..tensors.arrays import (
     check_finite,
     for_json,
@@ -77,21 +78,23 @@ def model(name: str, version: str | None = None) -> core.Surrogate:
     try:
         sur = core.get(name)
     except KeyError:
-        close = difflib.get_close_matches(name, core.names(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; GET /v1/surrogates lists them"
-        raise ApiError(404, f"unknown model {name!r}{hint}", code="unknown_surrogate", field="model") from None
+        close = suggest(name)
+        hint = f"; did you mean {close!r}?" if close is not None else "; GET /v1/surrogates lists them"
+        raise ApiError(404, f"unknown model {shown(name)}{hint}", code="unknown_surrogate", field="model") from None
     if version is not None and version != VERSION:
         raise ApiError(404, f"model {name!r} has no version {version!r} (versions: {VERSION})", field="version")
     return sur
 
 
-def _tensor(name: str, datatype: str = "FP32") -> dict[str, Any]:
-    return {"name": name, "datatype": datatype, "shape": [-1]}
+def describe_model(sur: core.Surrogate, max_rank: int) -> dict[str, Any]:
+    """The model metadata of ``sur``. Every tensor takes any shape of rank 0 to ``max_rank``
+    (broadcasting): its declared shape is ``max_rank`` free dimensions (``-1``), the most it may
+    have; a tensor may have fewer, down to none (a scalar)."""
+    def tensor(name: str) -> dict[str, Any]:
+        return {"name": name, "datatype": "FP32", "shape": [-1] * max_rank}
 
-
-def describe_model(sur: core.Surrogate) -> dict[str, Any]:
-    inputs = [_tensor("x")] + [_tensor(p.name) for p in sur.params] + [_tensor("cotangent")]
-    outputs = [_tensor("spike"), _tensor("grad")] + ([_tensor("fun")] if sur.fun is not None else []) + [_tensor("vjp")]
+    inputs = [tensor("x")] + [tensor(p.name) for p in sur.params] + [tensor("cotangent")]
+    outputs = [tensor("spike"), tensor("grad")] + ([tensor("fun")] if sur.fun is not None else []) + [tensor("vjp")]
     return {"name": sur.name, "versions": [VERSION], "platform": "jax", "inputs": inputs, "outputs": outputs}
 
 
@@ -344,7 +347,7 @@ def _json_object(raw: bytes, what: str, hint: str) -> dict[str, Any]:
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise _bad(f"invalid JSON in {what}: {exc}") from None
+        raise _bad(f"invalid JSON in {what}: {jsonerror.explain(raw, exc, 'v2')}") from None
     if not isinstance(doc, dict):
         raise _bad(f"{what} must be a JSON object, {hint}")
     return doc
