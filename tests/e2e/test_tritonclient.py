@@ -45,6 +45,30 @@ def test_health_metadata_and_repository(triton):
     assert {m["name"] for m in index} == set(sc.names()) and {m["state"] for m in index} == {"READY"}
 
 
+def test_the_declared_shapes_are_what_infer_takes(triton):
+    """Every tensor is declared with SURROGATE_MAX_RANK (8) free dimensions; tensors built from the
+    declared shapes (each -1 a size of the caller's choosing) are taken, at that rank and below,
+    and one dimension more is refused."""
+    meta = triton.get_model_metadata("piecewise_quadratic")
+    shapes = [t["shape"] for t in meta["inputs"] + meta["outputs"]]
+    assert shapes == [[-1] * 8] * len(shapes)
+    declared = meta["inputs"][0]["shape"]
+    x = SEED.reshape([1] * (len(declared) - 1) + [SEED.size])
+    alpha = np.array([0.5, 2.0], np.float32).reshape([2] + [1] * (len(declared) - 1))
+    r = triton.infer("piecewise_quadratic", [make_input("x", x, "FP32"), make_input("alpha", alpha, "FP32")],
+                     outputs=[httpclient.InferRequestedOutput("grad")])
+    got = r.as_numpy("grad")
+    assert got.shape == (2,) + (1,) * 6 + (5,)
+    np.testing.assert_allclose(got.reshape(2, 5), pq_grad(SEED.astype(np.float64), np.array([[0.5], [2.0]])),
+                               rtol=1e-6)
+    r = triton.infer("piecewise_quadratic", [make_input("x", np.array(0.25, np.float32), "FP32")],
+                     outputs=[httpclient.InferRequestedOutput("grad")])
+    assert r.as_numpy("grad").shape == () and float(r.as_numpy("grad")) == 0.75
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer("piecewise_quadratic", [make_input("x", x.reshape((1, *x.shape)), "FP32")])
+    assert "'x'" in str(info.value) and "rank 9" in str(info.value)
+
+
 @pytest.mark.parametrize("binary", [False, True])
 def test_infer_spike_and_grad_in_one_call(triton, binary):
     outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("spike", "grad")]
@@ -88,6 +112,8 @@ def test_compression_both_ways(triton, algorithm):
 
 @pytest.mark.parametrize(("call", "words"), [
     (lambda c: c.infer("sigmoud", [make_input("x", SEED, "FP32")]), "did you mean 'sigmoid'"),
+    (lambda c: c.infer("Sigmoid", [make_input("x", SEED, "FP32")]), "did you mean 'sigmoid'"),
+    (lambda c: c.get_model_metadata("PiecewiseQuadratic"), "did you mean 'piecewise_quadratic'"),
     (lambda c: c.get_model_metadata("sigmoid", "7"), "no version '7'"),
     (lambda c: c.infer("sigmoid", [make_input("x", SEED, "FP32")], parameters={"alpha": -1.0}), "'alpha'"),
     (lambda c: c.infer("sigmoid", [make_input("x", np.array([1, 2], np.int32), "INT32")]), "INT32"),

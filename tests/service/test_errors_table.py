@@ -164,6 +164,10 @@ def cases() -> list[Case]:
         Case(400, "bad_request", "json", b'{"x": [1, 2', label="syntax"),
         Case(400, "bad_request", "json", b'{"x": [NaN]}', label="nan"),
         Case(400, "bad_request", "json", b"", label="empty"),
+        Case(400, "bad_request", "json", npy(X), label="npy-as-json", fragment="'content-type: application/x-npy'"),
+        Case(400, "bad_request", "json", npz(x=X), label="npz-as-json", fragment="'content-type: application/x-npz'"),
+        Case(400, "bad_request", "json", b'{"x": [1, -Infinity]}', label="infinity",
+             fragment="'-Infinity' at line 1 column 11: JSON has no NaN or Infinity; send such values in a .npy"),
         # 401
         *(Case(401, "unauthorized", f, body, settings={"api_token": TOKEN}, label="no-token")
           for f, body in (("json", js({"x": [1.0]})), ("npy", npy(X)), ("npz", npz(x=X)))),
@@ -171,6 +175,11 @@ def cases() -> list[Case]:
         Case(404, "not_found", "-", None, path="/v1/nope", method="GET", label="route"),
         Case(404, "unknown_surrogate", "-", None, path="/v1/surrogates/nope", method="GET", field="name",
              label="metadata"),
+        Case(404, "unknown_surrogate", "-", None, path="/v1/surrogates/Sigmoid", method="GET", field="name",
+             label="braintools-name", fragment="unknown surrogate 'Sigmoid'; did you mean 'sigmoid'?"),
+        Case(404, "unknown_surrogate", "-", None, path="/v1/surrogates/sigmod", method="GET", field="name",
+             label="misspelt", fragment="did you mean 'sigmoid'?"),
+        Case(404, "not_found", "-", None, path="/v1/surrogates/sigmoid/grad", method="GET", label="below-metadata"),
         # 405
         Case(405, "method_not_allowed", "-", None, method="GET", label="get-compute"),
         # 406
@@ -218,8 +227,12 @@ def cases() -> list[Case]:
         # 422 unknown_surrogate, unknown_dtype
         Case(422, "unknown_surrogate", "json", js({"x": [1.0], "surrogate": "nope"}), job=0, field="surrogate",
              label="name"),
+        Case(422, "unknown_surrogate", "json", js({"x": [1.0], "surrogate": "PiecewiseQuadratic"}), job=0,
+             field="surrogate", label="braintools-name", fragment="did you mean 'piecewise_quadratic'?"),
         Case(422, "unknown_surrogate", "npy", npy(X), path="/v1/grad?surrogate=nope", job=0, field="surrogate",
              label="name"),
+        Case(422, "unknown_surrogate", "npy", npy(X), path="/v1/grad?surrogate=sigmod", job=0, field="surrogate",
+             label="misspelt", fragment="did you mean 'sigmoid'?"),
         Case(422, "unknown_surrogate", "npz", npz(x=X), path="/v1/grad?surrogate=nope", job=0, field="surrogate",
              label="name"),
         Case(422, "unknown_dtype", "json", js({"x": [1.0], "dtype": "float8"}), job=0, field="dtype", label="name"),
@@ -314,6 +327,28 @@ def test_the_protocol_rows_are_tested_end_to_end():
         text = (root / path).read_text()
         assert str(status) in text, (status, path)
         assert code in text, (code, path)
+
+
+def _job_and_field_rule() -> str:
+    """The paragraph of docs/api.md that says what ``job`` and ``field`` hold."""
+    section = DOC.read_text().split("\n## Errors\n", 1)[1]
+    return " ".join(next(p for p in section.split("\n\n") if p.startswith("`job`")).split())
+
+
+def test_job_and_field_are_what_the_docs_say():
+    """``job`` only on a 422; a ``field`` on any other status is one the docs name for that status
+    (and only where the service answers it)."""
+    rule = _job_and_field_rule()
+    assert "`job` is the index of the offending job" in rule and "every status but 422" in rule
+    assert all(c.job is None for c in CASES if c.status != 422)
+    fields = {(c.status, c.field) for c in CASES if c.status != 422 and c.field is not None}
+    assert fields >= {(413, "body"), (404, "name")}
+    for status, field in fields:
+        assert re.search(rf'`"{field}"` for (a|the) {status}\b', rule), (status, field, rule)
+    documented = set(re.findall(r'`"([a-z_]+)"` for (?:a|the) (\d{3})\b', rule))
+    assert documented == {(field, str(status)) for status, field in fields}
+    # and the 404 without a field: no such route
+    assert any(c.status == 404 and c.field is None for c in CASES)
 
 
 def test_every_format_of_a_binary_row_is_covered():

@@ -107,3 +107,62 @@ def test_a_process_with_a_bad_secret_exits_2_with_one_line(command):
     assert p.stderr.strip().splitlines() == [
         "surrogate-serve: invalid setting SURROGATE_API_TOKEN: must be at least 16 characters"
     ]
+
+
+@pytest.mark.parametrize(("given", "level"), [("DEBUG", "debug"), ("debug", "debug"), ("Warning", "warning"),
+                                              ("CRITICAL", "critical"), ("info", "info")])
+def test_the_log_level_is_taken_in_any_case(monkeypatch, given, level):
+    monkeypatch.setenv("SURROGATE_LOG_LEVEL", given)
+    assert load_settings().log_level == level
+    assert Settings(log_level=given).log_level == level
+
+
+@pytest.mark.parametrize("given", ["LOUD", "verbose", "", "debug "])
+def test_a_log_level_that_is_none_is_refused_as_given(monkeypatch, given):
+    monkeypatch.setenv("SURROGATE_LOG_LEVEL", given)
+    with pytest.raises(SystemExit) as info:
+        load_settings()
+    assert str(info.value).startswith("surrogate-serve: invalid setting SURROGATE_LOG_LEVEL: ")
+    assert str(info.value).endswith(f"(got {given!r})")
+
+
+def _serve(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SURROGATE_")}
+    full.update({f"SURROGATE_{k.upper()}": v for k, v in env.items()})
+    return subprocess.run([sys.executable, "-m", "service", *args], env=full, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(("args", "env", "named", "got"), [
+    (["--port", "99999"], {}, "--port", "99999"),
+    (["--port", "65536"], {"port": "8000"}, "--port", "65536"),  # the flag wins over the variable, and is named
+    (["--workers", "0"], {}, "--workers", "0"),
+    (["--root-path", "api"], {}, "--root-path", None),
+    ([], {"port": "99999"}, "SURROGATE_PORT", "'99999'"),
+], ids=["port", "port-over-env", "workers", "root-path", "env"])
+def test_a_bad_value_is_named_as_the_user_gave_it(args, env, named, got):
+    p = _serve(*args, **env)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"surrogate-serve: invalid setting {named}: "), lines
+    if got is not None:
+        assert lines[0].endswith(f"(got {got})")
+    assert "Traceback" not in p.stderr
+
+
+def test_a_flag_at_its_edge_is_taken_and_one_past_is_named():
+    from service.server.settings import load_settings as load
+
+    assert load({"port": "--port"}, port=65535).port == 65535
+    with pytest.raises(SystemExit) as info:
+        load({"port": "--port"}, port=65536)
+    assert str(info.value).startswith("surrogate-serve: invalid setting --port: ")
+
+
+def test_a_real_server_runs_at_an_upper_case_log_level():
+    import httpx
+    from liveserver import running_server
+
+    with running_server(log_level="DEBUG") as (base, _proc):
+        r = httpx.post(base + "/v1/grad", json={"x": [-2.0, 0.0, 0.5]}, timeout=30)
+        assert r.status_code == 200 and r.json()["grad"] == [0.0, 1.0, 0.5]
