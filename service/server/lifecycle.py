@@ -21,6 +21,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -141,7 +142,7 @@ def _refuse_new_handshakes(sock: socket.socket) -> bool:
     accept queue only shrinks from now on: a client retries its SYN a second later and then finds the
     listener closed (refused), instead of completing a handshake into a queue that is about to be
     reset. False where it cannot (another system, or a sandbox that forbids socket filters)."""
-    if not hasattr(socket, "AF_INET") or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if not sys.platform.startswith("linux") or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     program = (ctypes.c_ubyte * (8 * len(_DROP_SYN)))()
     for i, (code, jt, jf, k) in enumerate(_DROP_SYN):
