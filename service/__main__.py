@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import shutil
-import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
-from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -56,13 +52,22 @@ def main(argv: list[str] | None = None) -> None:
         # The rest of the settings already come from the environment, which the workers inherit.
         for k, v in overrides.items():
             os.environ[f"SURROGATE_{k.upper()}"] = str(v)
+        from .dataplane.metrics import forget_dead_workers
+
+        config = uvicorn.Config(
+            "service.__main__:create_worker_app", factory=True, workers=settings.workers, **options
+        )
         with _shared_metrics_dir():
-            uvicorn.run("service.__main__:create_worker_app", factory=True, workers=settings.workers, **options)
+            code = lifecycle.Supervisor(
+                config, drain=settings.shutdown_drain, on_worker_gone=forget_dead_workers
+            ).run()
+        if code:
+            sys.exit(code)
         return
     from .app import create_app
 
     surrogate_core.configure_for_serving()
-    _GracefulServer(uvicorn.Config(create_app(settings), **options), drain=settings.shutdown_drain).run()
+    lifecycle.GracefulServer(uvicorn.Config(create_app(settings), **options), drain=settings.shutdown_drain).run()
 
 
 @contextlib.contextmanager
@@ -100,70 +105,6 @@ def create_worker_app() -> Any:
 
     surrogate_core.configure_for_serving()
     return create_app(load_settings())
-
-
-class _GracefulServer(uvicorn.Server):
-    """uvicorn's server with a clean stop on SIGTERM.
-
-    - Draining: first the process is marked as shutting down (:mod:`service.server.lifecycle`), and for
-      ``drain`` seconds the listener stays open: every new request, readiness probes included, is
-      answered 503 with ``Connection: close`` (by the protocol, service.server.httpproto), so load
-      balancers take the instance out and clients retry elsewhere, while requests in flight go on.
-      Then the connections still waiting in the listen queue are accepted (so that they are
-      answered rather than reset when the listener closes), and uvicorn's shutdown runs: the
-      listener closes (later clients are refused), in-flight requests finish.
-    - uvicorn re-raises SIGTERM after its graceful shutdown, so the process dies with 143; a SIGTERM
-      that was handled gracefully is a clean stop here, and the process exits 0.
-    """
-
-    def __init__(self, config: uvicorn.Config, *, drain: float = 0.0) -> None:
-        super().__init__(config)
-        self.drain = drain
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            lifecycle.begin_shutdown()
-        super().handle_exit(sig, frame)
-        captured = getattr(self, "_captured_signals", None)
-        if sig == signal.SIGTERM and isinstance(captured, list) and sig in captured:
-            captured.remove(sig)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        lifecycle.begin_shutdown()
-        if self.drain > 0 and not self.force_exit:
-            log.info("shutting down: new requests get 503 for %.1f s, then the listener closes", self.drain)
-            await asyncio.sleep(self.drain)
-        if not self.force_exit:
-            await self._accept_queued_connections()
-        await super().shutdown(sockets)
-
-    async def _accept_queued_connections(self) -> None:
-        """Accept what waits in the listen queue and hand it to the protocol (which answers 503):
-        closing a listener resets the connections still queued on it."""
-        loop = asyncio.get_running_loop()
-        config = self.config
-
-        def protocol() -> asyncio.Protocol:
-            return config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=self.server_state, app_state=self.lifespan.state
-            )
-
-        for server in getattr(self, "servers", []):
-            for listener in server.sockets or ():
-                with socket.socket(fileno=os.dup(listener.fileno())) as sock:
-                    sock.setblocking(False)
-                    while True:
-                        try:
-                            conn, _ = sock.accept()
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        except OSError:
-                            break
-                        conn.setblocking(False)
-                        try:
-                            await loop.connect_accepted_socket(protocol, conn)
-                        except OSError:
-                            conn.close()
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ Two implementations behind one interface (``observe_request``, ``reject``, ``cou
   and the queue depth, which live in each worker, are published into those files after each
   batch, each request and each scrape. Counters and histograms add up over the workers (dead ones
   included), ``surrogate_requests_in_flight``, ``surrogate_queue_depth`` and
-  ``surrogate_compiled_variants`` are summed over the live workers; there are no ``_created``
-  series in this mode.
+  ``surrogate_compiled_variants`` are summed over the live workers (``livesum``: the parent drops a
+  dead worker's files of these, ``forget_dead_workers``, when it finds the worker gone); there are no
+  ``_created`` series in this mode.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from bisect import bisect_left
@@ -37,7 +39,7 @@ from prometheus_client.utils import floatToGoString
 
 import surrogate_core as core
 
-__all__ = ["Metrics", "multiprocess_dir"]
+__all__ = ["Metrics", "forget_dead_workers", "multiprocess_dir"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -74,6 +76,10 @@ _ENGINE_COUNTERS = (
     (JOBS, "jobs"),
     (PADDED, "padded_elements"),
 )
+
+
+#: a live-only gauge's file in the multiprocess directory (``multiprocess_mode="livesum"``), by process id
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
 
 
 def multiprocess_dir() -> str | None:
@@ -353,3 +359,27 @@ class _Publish(Collector):
     def collect(self) -> Iterator[Metric]:
         self.metrics.publish()
         return iter(())
+
+
+def forget_dead_workers(live: set[int]) -> None:
+    """In the parent of several workers: drop the live-only gauges (``surrogate_requests_in_flight``,
+    ``surrogate_queue_depth``, ``surrogate_compiled_variants``) of every worker whose files are in
+    the multiprocess directory but whose process id is not in ``live``: prometheus-client's
+    ``mark_process_dead``, so that a scrape no longer adds up what a dead worker last held. Its
+    counters and histograms stay (they count what it did)."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return
+    from prometheus_client import multiprocess
+
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    dead = set()
+    for name in names:
+        m = _LIVE_GAUGE_FILE.fullmatch(name)
+        if m is not None and int(m.group(1)) not in live:
+            dead.add(int(m.group(1)))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)

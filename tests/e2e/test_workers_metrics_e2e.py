@@ -7,8 +7,10 @@ worker answers it, counts every request, not the answering worker's share.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,3 +97,91 @@ def test_every_scrape_counts_the_requests_of_both_workers():
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         assert not Path(directory).exists()  # the metric files go with the server
+
+
+def workers_of(proc) -> list[psutil.Process]:
+    """The live worker processes of the server ``proc``."""
+    workers = []
+    for p in psutil.Process(proc.pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                workers.append(p)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return workers
+
+
+def own_values(directory: str, pids: set[int]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples that the metric files of the workers ``pids`` alone add up to: what a scrape
+    must show when those are the live workers."""
+    with tempfile.TemporaryDirectory() as own:
+        for pid in pids:
+            for f in Path(directory).glob(f"*_{pid}.db"):
+                shutil.copy(f, own)
+        reg = CollectorRegistry()
+        MultiProcessCollector(reg, path=own)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in reg.collect() for s in m.samples}
+
+
+def held_request(port: int) -> socket.socket:
+    """A /v1/grad request whose body stops half-way: admitted, in flight, until it is cut."""
+    body = json.dumps({"x": X}).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/grad HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body[: len(body) // 2]))
+    return s
+
+
+def all_ready(base: str, proc, old: set[int], n: int = 2) -> list[psutil.Process]:
+    """Wait for ``n`` workers, none of them in ``old``, each answering /readyz 200."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        workers = workers_of(proc)
+        if len(workers) == n and not old & {w.pid for w in workers}:
+            try:
+                if all(fresh(base, "GET", "/readyz").status_code == 200 for _ in range(12)):
+                    return workers
+            except httpx.TransportError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"the workers did not come back: {workers_of(proc)}")
+
+
+def test_the_gauges_of_killed_workers_vanish_when_they_are_restarted():
+    with running_server(workers=2) as (base, proc):
+        port = int(base.rsplit(":", 1)[1])
+        workers = all_ready(base, proc, set())
+        directory = workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
+        for _ in range(N):
+            assert fresh(base, "POST", "/v1/grad", json={"x": X}).json()["grad"] == GRAD
+        held = [held_request(port) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 30
+            while sample(fresh(base, "GET", "/metrics").text, "surrogate_requests_in_flight") != len(held):
+                assert time.monotonic() < deadline, "the held requests were not admitted"
+                time.sleep(0.1)
+            old = {w.pid for w in workers}
+            before = own_values(directory, old)
+            # the dead workers' values are in the files: each compiled variants, and between them
+            # they held the requests in flight
+            assert sum(v for (name, _), v in before.items() if name == "surrogate_compiled_variants") > 0
+            assert before[("surrogate_requests_in_flight", ())] == len(held)
+            for w in workers:
+                w.send_signal(signal.SIGKILL)
+        finally:
+            for s in held:
+                s.close()
+        workers = all_ready(base, proc, old)
+        live = {w.pid for w in workers}
+        for _ in range(4):
+            text = fresh(base, "GET", "/metrics").text
+            # idle, after the scrape published its worker's statistics: the live workers' own values
+            expected = own_values(directory, live)
+            variants = {k: v for k, v in expected.items() if k[0] == "surrogate_compiled_variants"}
+            assert sum(variants.values()) > 0, expected
+            for (name, labels), value in variants.items():
+                assert sample(text, name, dict(labels)) == value, (name, labels)
+            assert sample(text, "surrogate_requests_in_flight") == 0
+            assert sample(text, "surrogate_queue_depth") == 0
+            # counters still count what the dead workers did
+            assert sample(text, "surrogate_requests_total", LABELS) == N
