@@ -41,7 +41,7 @@ pytestmark = pytest.mark.anyio
 UVICORN_IMPORTS = {("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol")}
 
 #: Keyword parameters of HttpToolsProtocol.__init__ that callers pass through the subclass's
-#: ``(*args, **kwargs)``: uvicorn.Server passes all four, service.__main__ the first three.
+#: ``(*args, **kwargs)``: uvicorn.Server passes all four, service.server.lifecycle.GracefulServer the first three.
 INIT_PARAMETERS = ("config", "server_state", "app_state", "_loop")
 
 #: Methods of HttpToolsProtocol that the subclass overrides, with their parameters. All but
@@ -148,7 +148,7 @@ def test_the_constructor_still_takes_what_the_callers_pass():
     missing = [p for p in INIT_PARAMETERS if p not in params]
     assert not missing, (
         f"uvicorn {uvicorn.__version__}: HttpToolsProtocol.__init__ lost the parameters {missing} "
-        f"(it takes {list(params)}); uvicorn.Server and service.__main__ pass them by keyword"
+        f"(it takes {list(params)}); uvicorn.Server and service.server.lifecycle pass them by keyword"
     )
     kinds = {p: params[p].kind for p in INIT_PARAMETERS}
     positional_only = [p for p, k in kinds.items() if k is inspect.Parameter.POSITIONAL_ONLY]
