@@ -473,6 +473,9 @@ for r in $replicas; do wait_healthy "$r" 240; done
 lb=$(service_containers lb)
 [ -n "$lb" ] || fail "no lb container"
 wait_healthy "$lb" 60
+# nginx hardened like the replicas: read-only, unprivileged, no capabilities
+lb_sec=$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}} {{.Config.User}} {{json .HostConfig.CapDrop}}' "$lb")
+case "$lb_sec" in "true 101:101 "*) ;; *) fail "lb is not hardened as docker-compose.yml says: $lb_sec" ;; esac
 LB="http://127.0.0.1:$SURROGATE_LB_PORT"
 check_unauthorized "$LB"
 check_service "$LB"

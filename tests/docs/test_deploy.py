@@ -125,3 +125,61 @@ def test_render_py_renders_what_kubectl_kustomize_renders(directory):
 
     theirs = by_key(render_with("kubectl kustomize", ROOT / "deploy/k8s" / directory))
     assert by_key(render_with("render.py", ROOT / "deploy/k8s" / directory)) == theirs
+
+
+# --- docker-compose.yml ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", sorted(COMPOSE["services"]))
+def test_every_compose_service_is_hardened_as_the_page_says(service):
+    """The page: every service has a healthcheck, restarts, limits, a read-only root filesystem with a tmpfs on
+    /tmp, all capabilities dropped and no-new-privileges."""
+    assert "Every service has a healthcheck" in PAGE
+    spec = COMPOSE["services"][service]
+    assert spec.get("read_only") is True
+    assert "/tmp" in [t.split(":")[0] for t in spec.get("tmpfs", [])]
+    assert spec.get("cap_drop") == ["ALL"]
+    assert "no-new-privileges:true" in spec.get("security_opt", [])
+    assert spec.get("restart") == "unless-stopped"
+    assert spec.get("healthcheck", {}).get("test")
+    limits = spec["deploy"]["resources"]["limits"]
+    assert limits.get("cpus") and limits.get("memory")
+    # no service runs as root: the image's user (10001) or an explicit one
+    assert spec.get("user", "10001") not in ("0", "root") and not str(spec.get("user", "")).startswith("0:")
+
+
+def settings_names() -> set[str]:
+    from service.server.settings import Settings
+
+    return {f"SURROGATE_{name.upper()}" for name in Settings.model_fields}
+
+
+def page_passed_through() -> list[str]:
+    (para,) = [p for p in PAGE.split("\n\n") if p.startswith("**Settings passed through**")]
+    return re.findall(r"`(SURROGATE_[A-Z_]+)`", para)
+
+
+def test_the_pages_settings_list_is_what_compose_passes_through():
+    env = COMPOSE["x-surrogate-environment"]
+    # passed through: no value (the shell's or .env's) or ${NAME...} (the shell's, else a default)
+    passed = {k for k, v in env.items() if v is None or str(v).startswith("${" + k)}
+    fixed = set(env) - passed
+    listed = page_passed_through()
+    assert len(listed) == len(set(listed)), "a setting listed twice"
+    assert set(listed) == passed
+    assert fixed == {"SURROGATE_HOST", "SURROGATE_PORT"}
+    for name in fixed:
+        assert f"`{name}`" in PAGE
+
+
+def test_compose_passes_every_setting():
+    """Each Settings field reaches the containers: through docker-compose.yml, or deploy/compose.secrets.yml
+    (the token file, with the file it mounts)."""
+    env = set(COMPOSE["x-surrogate-environment"])
+    secrets = yaml.safe_load((ROOT / "deploy" / "compose.secrets.yml").read_text(encoding="utf-8"))
+    env_secrets = {k for svc in secrets["services"].values() for k in svc.get("environment", {})}
+    assert env <= settings_names()
+    assert env | env_secrets == settings_names()
+    assert env_secrets == {"SURROGATE_API_TOKEN_FILE"}
+    for service in ("surrogate", "surrogate-gpu", "surrogate-replica"):
+        assert set(COMPOSE["services"][service]["environment"]) >= env
