@@ -19,7 +19,8 @@ PAGE = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
 
 _spec = importlib.util.spec_from_file_location("k8s_render", ROOT / "deploy" / "k8s" / "render.py")
-assert _spec is not None and _spec.loader is not None
+assert _spec is not None
+assert _spec.loader is not None
 render = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(render)
 
@@ -143,9 +144,11 @@ def test_every_compose_service_is_hardened_as_the_page_says(service):
     assert spec.get("restart") == "unless-stopped"
     assert spec.get("healthcheck", {}).get("test")
     limits = spec["deploy"]["resources"]["limits"]
-    assert limits.get("cpus") and limits.get("memory")
+    assert limits.get("cpus")
+    assert limits.get("memory")
     # no service runs as root: the image's user (10001) or an explicit one
-    assert spec.get("user", "10001") not in ("0", "root") and not str(spec.get("user", "")).startswith("0:")
+    assert spec.get("user", "10001") not in ("0", "root")
+    assert not str(spec.get("user", "")).startswith("0:")
 
 
 def settings_names() -> set[str]:
