@@ -16,7 +16,6 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
 from snippets import blocks  # tests/docs/snippets.py
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +114,8 @@ def test_install_line_agrees_with_extras_and_locks(line):
     for req in line.named():
         name = canonicalize_name(req.name)
         assert name in LOCKED, f"{line}: {req.name} is in none of {LOCKS}"
-        assert req.specifier.contains(LOCKED[name], prereleases=True), f"{line}: {req} excludes the locked {LOCKED[name]}"
+        locked = LOCKED[name]
+        assert req.specifier.contains(locked, prereleases=True), f"{line}: {req} excludes the locked {locked}"
         for spec in req.specifier:
             # a pin names the locked version (its local label, like +cpu, is the index's business)
             if spec.operator == "==":
@@ -140,7 +140,8 @@ def test_the_training_page_gives_torchs_cpu_build_at_the_locked_version():
 def test_the_extras_admit_the_locked_versions(directory):
     """What the tests run with satisfies every dependency and extra the projects declare."""
     project = pyproject(PROJECTS[directory])
-    reqs = [*project.get("dependencies", []), *(r for rs in project.get("optional-dependencies", {}).values() for r in rs)]
+    extras = project.get("optional-dependencies", {}).values()
+    reqs = [*project.get("dependencies", []), *(r for extra in extras for r in extra)]
     for text in reqs:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate():
