@@ -5,7 +5,13 @@ VENV   ?= .venv
 HOST   ?= $(or $(SURROGATE_HOST),127.0.0.1)
 PORT   ?= $(or $(SURROGATE_PORT),8000)
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two installs, each with its stamp: the runtime (make install, make serve) and the development one (everything else).
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+STAMP  := $(VENV)/.installed-dev
+# requirements-dev.lock pins PyTorch's CPU build (torch==X+cpu), which PyPI does not host. It is taken from this
+# index where the machine reaches it, else from pip's configured sources (a mirror, find-links); TORCH_CPU_INDEX=
+# (empty) skips the index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install serve test test-fast bench openapi lint docs notebook test-container clean
 
@@ -13,16 +19,31 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 
-# Installs exactly the pinned versions (runtime + test tools: requirements-dev.lock), then the project itself.
-$(STAMP): $(BIN)/python requirements.lock requirements-dev.lock pyproject.toml surrogate_client/pyproject.toml
-	$(BIN)/python -m pip install --quiet -r requirements-dev.lock
+# The runtime: exactly the pinned versions of requirements.lock, then the project and its client (editable).
+$(RUNTIME_STAMP): $(BIN)/python requirements.lock pyproject.toml surrogate_client/pyproject.toml
+	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip install --quiet --no-deps -e ./surrogate_client
+	touch $(RUNTIME_STAMP)
+
+# Development: the runtime plus the test tools, exactly requirements-dev.lock; its torch first, from TORCH_CPU_INDEX
+# where that answers (that index only for torch itself: its dependencies are pinned in the lock).
+$(STAMP): $(RUNTIME_STAMP) requirements-dev.lock
+	@torch=$$(grep -E '^torch==' requirements-dev.lock); \
+	if [ -n "$(TORCH_CPU_INDEX)" ] && $(BIN)/python -c "import sys, urllib.request as u; \
+	    u.urlopen(u.Request(sys.argv[1] + '/torch/', method='HEAD'), timeout=15)" "$(TORCH_CPU_INDEX)" 2>/dev/null; then \
+	    echo "installing $$torch from $(TORCH_CPU_INDEX)"; \
+	    $(BIN)/python -m pip install --quiet --no-deps --index-url "$(TORCH_CPU_INDEX)" "$$torch"; \
+	else \
+	    echo "installing $$torch from pip's configured sources (no answer from TORCH_CPU_INDEX=$(TORCH_CPU_INDEX))"; \
+	    $(BIN)/python -m pip install --quiet --no-deps "$$torch"; \
+	fi
+	$(BIN)/python -m pip install --quiet -r requirements-dev.lock
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(RUNTIME_STAMP)
 
-serve: $(STAMP)
+serve: $(RUNTIME_STAMP)
 	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
 test: $(STAMP)

