@@ -7,10 +7,11 @@
 >>> jax.jit(jax.grad(lambda x: spike(x).sum()))(jnp.linspace(-1, 1, 5))
 
 The forward pass is the spike ``H(x) = 1 where x >= 0 else 0`` (exact, computed by JAX in x's
-dtype, from x's bits as the service computes it). The backward pass (a :func:`jax.custom_vjp`) sends ``x`` and the incoming gradient to
-``/v1/grad`` in one request, through :func:`jax.pure_callback`, so it works under
-:func:`jax.jit`, :func:`jax.grad`, :func:`jax.lax.scan` (backpropagation through time: one request
-per time step) and :func:`jax.vmap` (one request for the whole batch).
+dtype, from x's bits as the service computes it). The backward pass (a :func:`jax.custom_vjp`)
+sends ``x`` and the incoming gradient to ``/v1/grad`` in one request, through
+:func:`jax.pure_callback`, so it works under :func:`jax.jit`, :func:`jax.grad`, :func:`jax.lax.scan`
+(backpropagation through time: one request per time step) and :func:`jax.vmap` (one request for
+the whole batch).
 
 Errors: outside ``jit`` a failure of the service during the backward pass raises the client's
 exception itself. Inside compiled code JAX turns any exception of a callback into its own runtime
