@@ -52,7 +52,8 @@ def _read_header(fp: Any, field: str) -> tuple[tuple[int, ...], bool, np.dtype]:
             shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=10_000)
         else:  # pragma: no cover - read_magic only returns known versions
             raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, EOFError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
+    except Exception as exc:  # NumPy's header parser raises many kinds on a malformed header (ValueError,
+        # SyntaxError, tokenize.TokenError, TypeError, OverflowError, ...): each means the same
         raise _bad(f"not a valid .npy file: {_clean(exc)}", field) from None
     _check_shape(shape, dtype, field)
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
