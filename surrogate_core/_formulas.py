@@ -65,9 +65,10 @@ def heaviside(x):
     >>> heaviside(jnp.array([-2.0, -0.5, 0.0, 0.5, 2.0]))
     Array([0., 0., 1., 1., 1.], dtype=float32)
     """
-    bits = lax.bitcast_convert_type(x, _SAME_WIDTH_INT[x.dtype.itemsize])
-    inf = int(np.asarray(np.inf, x.dtype).view(_SAME_WIDTH_INT[x.dtype.itemsize]))
-    minus_zero = int(np.iinfo(_SAME_WIDTH_INT[x.dtype.itemsize]).min)  # the sign bit alone
+    itype = _SAME_WIDTH_INT[x.dtype.itemsize]
+    bits = lax.bitcast_convert_type(x, itype)
+    inf = int(np.asarray(np.inf, x.dtype).view(itype))
+    minus_zero = -(1 << (8 * x.dtype.itemsize - 1))  # the sign bit alone: the smallest integer
     return (((bits >= 0) & (bits <= inf)) | (bits == minus_zero)).astype(x.dtype)
 
 

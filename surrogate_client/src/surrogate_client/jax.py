@@ -96,7 +96,8 @@ def _heaviside(x: jax.Array) -> jax.Array:
     integer at -0.0)."""
     itype = _SAME_WIDTH_INT[x.dtype.itemsize]
     bits = jax.lax.bitcast_convert_type(x, itype)
-    return (((bits >= 0) & ~jnp.isnan(x)) | (bits == np.iinfo(itype).min)).astype(x.dtype)
+    minus_zero = -(1 << (8 * x.dtype.itemsize - 1))  # the sign bit alone: the smallest integer
+    return (((bits >= 0) & ~jnp.isnan(x)) | (bits == minus_zero)).astype(x.dtype)
 
 
 class SpikeFunction(ServedSpikeBase):

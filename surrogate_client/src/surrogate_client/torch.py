@@ -8,7 +8,8 @@
 
 The forward pass is the spike ``H(x) = 1 where x >= 0 else 0`` (exact, computed locally from x's
 bits as the service computes it, in x's dtype, on x's device). The backward pass sends ``x`` and
-the incoming gradient to ``/v1/grad`` in one binary request and returns ``grad_output * g'(x)``, on x's device and in x's dtype.
+the incoming gradient to ``/v1/grad`` in one binary request and returns ``grad_output * g'(x)``,
+on x's device and in x's dtype.
 
 This module imports PyTorch; ``import surrogate_client`` alone does not.
 """
