@@ -100,6 +100,21 @@ def test_an_unbalanced_parenthesis_in_a_npz_member_is_a_422_naming_it(post, name
     assert doc["error"]["field"] == name
 
 
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
+                         ids=["deflate", "bzip2", "lzma"])
+def test_a_npz_member_with_damaged_compressed_data_is_a_422(post, compression):
+    # a valid header, then compressed data with bytes changed in it: zlib.error, LZMAError, OSError inside zipfile
+    member = npy(np.random.default_rng(0).normal(size=3000))
+    data = npz_of(member, compression=compression)
+    statuses = set()
+    for at in range(60, len(data) - 120, max(1, (len(data) - 180) // 100)):
+        for value in (0x00, 0xFF, 0x55):
+            status, doc = post("/v1/spike", data[:at] + bytes([value]) + data[at + 1:], NPZ)
+            assert status in (200, 422), (at, value, status, doc)
+            statuses.add(status)
+    assert 422 in statuses
+
+
 HUGE = 4611686018427387904  # 2**62: a zero-size shape NumPy cannot make ("array is too big")
 
 
