@@ -7,7 +7,7 @@ at most ``PIECE`` elements each (other threads, the event loop among them, run b
 never joined into one buffer (the server sends them one after the other), and the nested empty
 lists of a zero-size array are made by repeating strings, not by walking elements: a few blocks of
 at most ``BLOCK`` bytes, each made once and listed as often as it repeats, so that the 50 MB text of
-shape (16777216, 0) costs a few hundred list entries and about a megabyte, made in milliseconds.
+shape (16777216, 0) costs about fifty list entries and a megabyte, made in a millisecond.
 """
 
 from __future__ import annotations
