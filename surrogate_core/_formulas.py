@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import jax.scipy as jsp
+import numpy as np
 from jax import lax
 
 __all__ = [
@@ -56,10 +57,23 @@ __all__ = [
 def heaviside(x):
     r"""The spike: :math:`H(x) = 1` where :math:`x \ge 0` (also at ``-0.0``), else 0; NaN gives 0.
 
+    Read from the bits of ``x``, not by a float comparison: XLA on the CPU flushes subnormals to
+    zero, so ``x >= 0`` would be 1 for a negative subnormal such as ``-1.4e-45`` (float32). As an
+    integer of the same width, ``x`` is ``>= 0`` exactly when its sign bit is clear, at most the bits
+    of ``+inf`` when it is not NaN, and the smallest integer when it is ``-0.0``.
+
     >>> heaviside(jnp.array([-2.0, -0.5, 0.0, 0.5, 2.0]))
     Array([0., 0., 1., 1., 1.], dtype=float32)
     """
-    return (x >= 0).astype(x.dtype)
+    itype = _SAME_WIDTH_INT[x.dtype.itemsize]
+    bits = lax.bitcast_convert_type(x, itype)
+    inf = int(np.asarray(np.inf, x.dtype).view(itype))
+    minus_zero = -(1 << (8 * x.dtype.itemsize - 1))  # the sign bit alone: the smallest integer
+    return (((bits >= 0) & (bits <= inf)) | (bits == minus_zero)).astype(x.dtype)
+
+
+#: the signed integer type of each float width (bytes), for reading a float's bits
+_SAME_WIDTH_INT = {2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def sigmoid_grad(x, alpha):

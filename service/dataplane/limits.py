@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import surrogate_core as core
 
-from ..errors import ApiError
+from ..errors import ApiError, shown
 
 __all__ = ["Limits"]
 
@@ -38,14 +38,21 @@ class Limits:
 
     def shape(self, shape: Sequence[int], max_elements: int | None = None) -> str | None:
         """What is wrong with an array of ``shape`` (its rank, its elements against ``max_elements``,
-        by default the request's limit), or ``None``."""
+        by default the request's limit), or ``None``.
+
+        A zero-size dimension counts as 1 here too, as ``jobs`` counts it: a shape such as
+        ``(0, 2**62)`` holds no element, but NumPy cannot make it ("array is too big") and its
+        answer would not be small, so it is refused before any array is made."""
         problem = self.rank(len(shape))
         if problem is not None:
             return problem
         limit = self.max_elements if max_elements is None else max_elements
         n = math.prod(shape)
         if n > limit:
-            return f"shape {list(shape)} has {n} elements, over the limit of {limit}"
+            return f"shape {shown(list(shape))} has {n} elements, over the limit of {limit}"
+        if math.prod(max(d, 1) for d in shape) > limit:
+            return (f"shape {shown(list(shape))} is over the limit of {limit} elements "
+                    "(a zero-size dimension counts as 1)")
         return None
 
     def jobs(self, jobs: Sequence[core.Job], *, where: Callable[[int], str], job_index: bool = True) -> int:

@@ -51,7 +51,7 @@ def test_decode_refuses_impossible_shapes(shape):
     assert "shape" in str(info.value)
 
 
-@pytest.mark.parametrize("shape", ["(0,)", "(3, 0)", "(1099511627776, 0)", "()"])
+@pytest.mark.parametrize("shape", ["(0,)", "(3, 0)", "(1000, 0)", "()"])
 def test_zero_size_and_scalar_shapes_still_decode(shape):
     expected = eval(shape)  # the literal tuple written in the header
     n = int(np.prod(expected))

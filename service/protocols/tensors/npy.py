@@ -26,7 +26,7 @@ from numpy.lib import format as npformat
 import surrogate_core as core
 
 from ...dataplane.limits import Limits
-from ...errors import ApiError
+from ...errors import ApiError, shown
 
 __all__ = ["ACCEPTED_KINDS", "NPY", "NPZ", "answer_bytes", "decode_npy", "decode_npz", "jobs_answer_bytes", "npy_parts"]
 
@@ -39,7 +39,7 @@ MAX_NPZ_MEMBERS = 16
 
 
 def _bad(message: str, field: str | None = None, code: str = "invalid_binary") -> ApiError:
-    text = message if field is None else f"job 0, field {field!r}: {message}"
+    text = message if field is None else f"job 0, field {shown(field)}: {message}"
     return ApiError(422, text, code=code, job=0, field=field)
 
 
@@ -52,7 +52,8 @@ def _read_header(fp: Any, field: str) -> tuple[tuple[int, ...], bool, np.dtype]:
             shape, fortran, dtype = npformat.read_array_header_2_0(fp, max_header_size=10_000)
         else:  # pragma: no cover - read_magic only returns known versions
             raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, EOFError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
+    except Exception as exc:  # NumPy's header parser raises many kinds on a malformed header (ValueError,
+        # SyntaxError, tokenize.TokenError, TypeError, OverflowError, ...): each means the same
         raise _bad(f"not a valid .npy file: {_clean(exc)}", field) from None
     _check_shape(shape, dtype, field)
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
@@ -167,8 +168,8 @@ def decode_npz(body: bytes, *, limits: Limits) -> dict[str, np.ndarray]:
         raise _bad(f".npz has {declared} members, over the limit of {MAX_NPZ_MEMBERS}", code="too_large")
     try:
         zf = zipfile.ZipFile(io.BytesIO(body))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
-        raise _bad(f"not a valid .npz (zip) file: {exc}") from None
+    except Exception as exc:  # BadZipFile, LargeZipFile, ValueError, OSError, ...: not a zip this reads
+        raise _bad(f"not a valid .npz (zip) file: {_clean(exc)}") from None
     out: dict[str, np.ndarray] = {}
     budget = limits.max_elements
     with zf:
@@ -178,7 +179,7 @@ def decode_npz(body: bytes, *, limits: Limits) -> dict[str, np.ndarray]:
         for info in infos:
             name = info.filename
             if not name.endswith(".npy") or "/" in name or name[:-4] in out:
-                raise _bad(f".npz member {name!r} is not a top-level NAME.npy array (or is repeated)")
+                raise _bad(f".npz member {shown(name)} is not a top-level NAME.npy array (or is repeated)")
             field = name[:-4]
             try:
                 with zf.open(info) as fp:
@@ -188,8 +189,8 @@ def decode_npz(body: bytes, *, limits: Limits) -> dict[str, np.ndarray]:
                     data = fp.read(expected + 1)  # bounded: never inflate more than declared + 1 byte
             except ApiError:
                 raise
-            except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
-                raise _bad(f"cannot read .npz member {name!r}: {exc}", field) from None
+            except Exception as exc:  # a damaged member: BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError, ...
+                raise _bad(f"cannot read .npz member {shown(name)}: {_clean(exc)}", field) from None
             if len(data) != expected:
                 raise _bad(
                     f"the header declares shape {list(shape)} of {dtype} ({expected} bytes) but the member holds "

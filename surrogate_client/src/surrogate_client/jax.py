@@ -7,10 +7,11 @@
 >>> jax.jit(jax.grad(lambda x: spike(x).sum()))(jnp.linspace(-1, 1, 5))
 
 The forward pass is the spike ``H(x) = 1 where x >= 0 else 0`` (exact, computed by JAX in x's
-dtype). The backward pass (a :func:`jax.custom_vjp`) sends ``x`` and the incoming gradient to
-``/v1/grad`` in one request, through :func:`jax.pure_callback`, so it works under
-:func:`jax.jit`, :func:`jax.grad`, :func:`jax.lax.scan` (backpropagation through time: one request
-per time step) and :func:`jax.vmap` (one request for the whole batch).
+dtype, from x's bits as the service computes it). The backward pass (a :func:`jax.custom_vjp`)
+sends ``x`` and the incoming gradient to ``/v1/grad`` in one request, through
+:func:`jax.pure_callback`, so it works under :func:`jax.jit`, :func:`jax.grad`, :func:`jax.lax.scan`
+(backpropagation through time: one request per time step) and :func:`jax.vmap` (one request for
+the whole batch).
 
 Errors: outside ``jit`` a failure of the service during the backward pass raises the client's
 exception itself. Inside compiled code JAX turns any exception of a callback into its own runtime
@@ -84,6 +85,21 @@ def _param(name: str, value: Any) -> Any:
     return np.asarray(value) if isinstance(value, jax.Array) else value
 
 
+#: the signed integer type of each float width (bytes), for reading a float's bits
+_SAME_WIDTH_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _heaviside(x: jax.Array) -> jax.Array:
+    """1 where ``x >= 0`` (also at -0.0), else 0, NaN 0, in x's dtype: read from x's bits, as the
+    service computes it (XLA on the CPU flushes subnormals to zero, so ``x >= 0`` is 1 for a
+    negative subnormal; as an integer, x is >= 0 when its sign bit is clear, and the smallest
+    integer at -0.0)."""
+    itype = _SAME_WIDTH_INT[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, itype)
+    minus_zero = -(1 << (8 * x.dtype.itemsize - 1))  # the sign bit alone: the smallest integer
+    return (((bits >= 0) & ~jnp.isnan(x)) | (bits == minus_zero)).astype(x.dtype)
+
+
 class SpikeFunction(ServedSpikeBase):
     """``H(x)`` forward, ``cotangent * g'(x)`` from the service backward; see :func:`spike_function`."""
 
@@ -92,7 +108,7 @@ class SpikeFunction(ServedSpikeBase):
 
         @jax.custom_vjp
         def spike(x: jax.Array) -> jax.Array:
-            return (x >= 0).astype(x.dtype)
+            return _heaviside(x)
 
         def fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
             return spike(x), x

@@ -6,9 +6,10 @@
 >>> client = SurrogateClient("http://127.0.0.1:8000")
 >>> lif = snn.Leaky(beta=0.9, spike_grad=spike_function(client, "sigmoid", alpha=4.0))
 
-The forward pass is the spike ``H(x) = 1 where x >= 0 else 0`` (exact, computed locally, in x's
-dtype, on x's device). The backward pass sends ``x`` and the incoming gradient to ``/v1/grad`` in
-one binary request and returns ``grad_output * g'(x)``, on x's device and in x's dtype.
+The forward pass is the spike ``H(x) = 1 where x >= 0 else 0`` (exact, computed locally from x's
+bits as the service computes it, in x's dtype, on x's device). The backward pass sends ``x`` and
+the incoming gradient to ``/v1/grad`` in one binary request and returns ``grad_output * g'(x)``,
+on x's device and in x's dtype.
 
 This module imports PyTorch; ``import surrogate_client`` alone does not.
 """
@@ -47,12 +48,26 @@ def _param(value: Any) -> Any:
     return _host(value) if isinstance(value, torch.Tensor) else value
 
 
+#: the signed integer type of each float width (bytes), for reading a float's bits
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _heaviside(x: torch.Tensor) -> torch.Tensor:
+    """1 where ``x >= 0`` (also at -0.0), else 0, NaN 0, in x's dtype: read from x's bits, as the
+    service computes it, so that a negative subnormal gives 0 whether or not the device flushes
+    subnormals to zero (as an integer, x is >= 0 when its sign bit is clear, and the smallest
+    integer at -0.0)."""
+    itype = _SAME_WIDTH_INT[x.element_size()]
+    bits = x.view(itype)
+    return (((bits >= 0) & ~torch.isnan(x)) | (bits == torch.iinfo(itype).min)).to(x.dtype)
+
+
 class _ServedSpike(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, fn: SpikeFunction) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.fn = fn
-        return (x >= 0).to(x.dtype)
+        return _heaviside(x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
