@@ -81,9 +81,11 @@ def execute(notebook: Path, url: str, workdir: Path, timeout: int = 300):
     old = os.environ.get("SURROGATE_URL")
     os.environ["SURROGATE_URL"] = url  # the kernel inherits this process's environment
     try:
-        nbclient.NotebookClient(
-            nb, kernel_name="python3", timeout=timeout, record_timing=False, resources={"metadata": {"path": str(workdir)}}
-        ).execute()
+        client = nbclient.NotebookClient(
+            nb, kernel_name="python3", timeout=timeout, record_timing=False,
+            resources={"metadata": {"path": str(workdir)}},
+        )
+        client.execute()
     finally:
         if old is None:
             os.environ.pop("SURROGATE_URL", None)
@@ -170,7 +172,8 @@ def assert_setup_installs_what_the_cells_import(notebook: Path) -> None:
         assert pins[canonical(name)].split("+")[0] == version, req  # the lock's version (torch: +cpu, the CPU index)
     source = source_of(setup_cell(nb))
     if "torch" in requirements:
-        assert f'"{TORCH_CPU_INDEX}"' in source and '"--extra-index-url", TORCH_CPU_INDEX' in source
+        assert f'"{TORCH_CPU_INDEX}"' in source
+        assert '"--extra-index-url", TORCH_CPU_INDEX' in source
 
 
 def refresh(notebook: Path) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import pytest
@@ -20,7 +21,7 @@ class Refs(HTMLParser):
     """Every URL an HTML page names (``href``, ``src``), and those the browser loads by itself
     (stylesheets, icons, preconnects, scripts, images), each as ``(tag, attribute, url)``."""
 
-    LOADED = {("link", "href"), ("script", "src"), ("img", "src"), ("source", "src"), ("iframe", "src")}
+    LOADED: ClassVar = {("link", "href"), ("script", "src"), ("img", "src"), ("source", "src"), ("iframe", "src")}
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,7 +64,8 @@ def test_404_page_links_are_relative_and_lead_to_the_site(site):
     for u in local:
         target = site / posixpath.normpath(urlsplit(u).path)
         assert target.is_file() or (target / "index.html").is_file(), u
-    assert any(u.endswith("assets/javascripts/" + p.name) for u in local for p in (site / "assets/javascripts").glob("bundle.*.js"))
+    bundles = ["assets/javascripts/" + p.name for p in (site / "assets" / "javascripts").glob("bundle.*.js")]
+    assert any(u.endswith(b) for u in local for b in bundles)
     assert '"base": "."' in page.read_text()  # the theme's own scripts (search) resolve from the same place
 
 
