@@ -19,7 +19,9 @@ from notebooks import (
     assert_committed_with_outputs,
     assert_rerun_gives_the_committed_outputs,
     assert_setup_installs_what_the_cells_import,
+    DEFAULT_URL,
     code_cells,
+    comparable,
     images_of,
     png_size,
     setup_requirements,
@@ -89,6 +91,21 @@ def test_committed_figures_are_pngs(name):
     w, h = png_size((EXAMPLES / "figures" / name).read_bytes())
     assert 400 <= w <= 2000
     assert 300 <= h <= 1500
+
+
+def test_a_rerun_is_compared_with_the_times_masked_and_everything_else_exact():
+    url = "http://127.0.0.1:40123"
+    run = f"server {url}: cpu\nmedian ms per step: local 18.7, served 98.1 (2.48 ms more per request)\nloss 5.446\n"
+    same = f"server {DEFAULT_URL}: cpu\nmedian ms per step: local 20.1, served 105.0 (2.65 ms more per request)\nloss 5.446\n"
+    assert comparable(run, url) == comparable(same, DEFAULT_URL)
+    assert comparable(run, url) == (
+        f"server {DEFAULT_URL}: cpu\nmedian ms per step: local <time>, served <time> (<time> ms more per request)\nloss 5.446\n"
+    )
+    assert comparable(run, url) != comparable(same.replace("5.446", "5.447"), DEFAULT_URL)
+    assert comparable("JAX median ms per step: local 0.6, served 80.7 (16 requests per step)", url).endswith(
+        "(16 requests per step)"
+    )
+    assert comparable("test accuracy per epoch: local [0.504, 0.647]", url) == "test accuracy per epoch: local [0.504, 0.647]"
 
 
 # -- re-running it (e2e) ----------------------------------------------------------------------------
