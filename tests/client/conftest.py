@@ -1,8 +1,9 @@
-"""Client test fixtures: a real uvicorn server (session-wide) and the app in process (ASGI)."""
+"""Client test fixtures: the app in process (ASGI). The real server is the session's (``server_url``,
+tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -22,15 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def server_url() -> Iterator[str]:
-    """``python -m service`` on a free loopback port, ready; its base URL."""
-    from liveserver import running_server
-
-    with running_server(log_level="warning") as (base, _proc):
-        yield base
 
 
 @pytest.fixture(scope="module")

@@ -52,14 +52,6 @@ def run_shell(code: str, cwd: Path) -> None:
             assert got == cmd.shown, f"line {cmd.line}: `{cmd.text}`\nshown: {cmd.shown}\ngot:   {got}"
 
 
-@pytest.fixture(scope="module")
-def server_url():
-    from liveserver import running_server
-
-    with running_server(log_level="warning") as (base, _proc):
-        yield base
-
-
 # -- static checks (fast) ----------------------------------------------------------------------------
 
 

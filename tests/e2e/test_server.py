@@ -18,10 +18,9 @@ pytestmark = pytest.mark.e2e
 SEED = [-2.0, -0.5, 0.0, 0.5, 2.0]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as s:
-        yield s
+@pytest.fixture
+def server(shared_server):
+    return shared_server  # the session's: these tests only send requests
 
 
 def test_seed_example_over_http(server):

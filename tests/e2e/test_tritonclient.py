@@ -7,7 +7,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from liveserver import running_server
 from reference import pq_grad
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -20,11 +19,10 @@ SEED = np.array([-2.0, -0.5, 0.0, 0.5, 2.0], np.float32)
 
 
 @pytest.fixture(scope="module")
-def triton():
-    with running_server() as (base, _proc):
-        client = httpclient.InferenceServerClient(url=base.removeprefix("http://"))
-        yield client
-        client.close()
+def triton(server_url):
+    client = httpclient.InferenceServerClient(url=server_url.removeprefix("http://"))  # the session's server
+    yield client
+    client.close()
 
 
 def make_input(name, a, datatype, binary=True):

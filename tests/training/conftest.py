@@ -1,5 +1,6 @@
-"""Training test fixtures: one real server per module, and a client whose requests are counted
-and whose connection can be cut (the server "going away" during a backward pass)."""
+"""Training test fixtures: a client of the session's real server (``server_url``, tests/conftest.py), and
+one whose requests are counted and whose connection can be cut (the server "going away" during a
+backward pass)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,6 @@ class CountingTransport(httpx.HTTPTransport):
 
     def count(self, path: str = "/v1/grad") -> int:
         return self.paths.count(path)
-
-
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[str]:
-    """``python -m service`` on a free loopback port, ready, for the whole module; its base URL."""
-    from liveserver import running_server
-
-    with running_server(log_level="warning") as (base, _proc):
-        yield base
 
 
 @pytest.fixture(scope="module")
