@@ -51,17 +51,26 @@ OVERRIDDEN = {
     "connection_made": ("self", "transport"),
     "connection_lost": ("self", "exc"),
     "data_received": ("self", "data"),
+    "on_header": ("self", "name", "value"),
     "on_headers_complete": ("self",),
     "on_body": ("self", "body"),
     "on_message_complete": ("self",),
+    "on_response_complete": ("self",),
     "shutdown": ("self",),
 }
 
 #: Instance attributes that HttpToolsProtocol sets and the subclass reads (never methods).
-INHERITED_ATTRIBUTES = {"cycle", "transport", "loop", "logger", "client", "scope", "server_state"}
+INHERITED_ATTRIBUTES = {
+    "cycle", "transport", "loop", "logger", "client", "scope", "server_state", "parser", "flow", "pipeline",
+}
 
 #: Attributes of HttpToolsProtocol's RequestResponseCycle (``self.cycle``) that the subclass reads or sets.
-CYCLE_ATTRIBUTES = {"response_complete", "keep_alive"}
+CYCLE_ATTRIBUTES = {
+    "response_complete", "keep_alive", "response_started", "disconnected", "waiting_for_100_continue", "scope",
+    "message_event", "receive",
+}
+#: What each of them is (``receive`` is a method, which the subclass wraps per request).
+CYCLE_TYPES = {"scope": dict, "message_event": asyncio.Event}
 
 PARENT = httptools_impl.HttpToolsProtocol
 SOURCE = Path(httpproto.__file__)
@@ -126,6 +135,7 @@ def test_the_contract_lists_exactly_what_httpproto_uses():
     assert USES["via_super"] == (set(OVERRIDDEN) - {"shutdown"}) | {"__init__"}, "the super() calls changed"
     assert USES["inherited"] == INHERITED_ATTRIBUTES, "the inherited attributes httpproto.py reads changed"
     assert USES["cycle"] == CYCLE_ATTRIBUTES, "the attributes of self.cycle httpproto.py uses changed"
+    assert set(CYCLE_TYPES) < CYCLE_ATTRIBUTES
 
 
 def test_uvicorn_still_has_the_private_names_httpproto_imports():
@@ -214,8 +224,16 @@ async def test_the_inherited_attributes_are_still_attributes(connect):
     await conn.served()
     cycle = conn.protocol.cycle
     assert isinstance(cycle, httptools_impl.RequestResponseCycle), f"uvicorn {version}: self.cycle is a {type(cycle)}"
-    for name in sorted(CYCLE_ATTRIBUTES):
-        assert isinstance(vars(cycle).get(name), bool), f"uvicorn {version}: RequestResponseCycle.{name} is not a bool"
+    for name in sorted(CYCLE_ATTRIBUTES - {"receive"}):
+        kind = CYCLE_TYPES.get(name, bool)
+        assert isinstance(vars(cycle).get(name), kind), (
+            f"uvicorn {version}: RequestResponseCycle.{name} is not a {kind.__name__}"
+        )
+    receive = httptools_impl.RequestResponseCycle.receive
+    assert inspect.iscoroutinefunction(receive) and tuple(inspect.signature(receive).parameters) == ("self",), (
+        f"uvicorn {version}: RequestResponseCycle.receive is no longer the ASGI receive the app is given"
+    )
+    assert cycle.scope is conn.protocol.scope
     assert cycle.response_complete is True
     assert cycle.keep_alive is True
 
