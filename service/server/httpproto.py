@@ -131,7 +131,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._body_pending = False
         self._chunked: _Chunked | None = None
         self._body_bytes = 0
-        self._body_seen = 0
         self._body_start = 0.0
         self._body_last = 0.0
         self._body_checked = 0.0
@@ -209,12 +208,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.receive = _telling_refusals(self.cycle.receive, scope)  # type: ignore[method-assign,assignment]
             self._body_pending = True  # until the parser says the message is complete
             self._chunked = _Chunked() if _is_chunked(scope["headers"]) else None
-            self._body_bytes = self._body_seen = 0
+            self._body_bytes = 0
             self._body_start = self._body_last = self._body_checked = self.loop.time()
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             self._body_bytes += len(body)
+            self._body_last = self.loop.time()
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -293,8 +293,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         held = self.flow.read_paused or self.cycle.waiting_for_100_continue
         if held:  # the server holds the body up: its clock stops
             self._body_start += now - self._body_checked
-        if held or self._body_bytes != self._body_seen:
-            self._body_seen = self._body_bytes
             self._body_last = now
         self._body_checked = now
         timeout, rate = self.body_timeout, self.body_min_rate
