@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with limits on request headers.
+"""uvicorn's httptools protocol with limits on request heads and bodies.
 
 The httptools parser buffers a header line until it ends, however long it is, and uvicorn waits for
 headers for ever: one request with a 50 MB header is read whole, and a few connections that send
