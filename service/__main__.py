@@ -95,7 +95,8 @@ def _http_protocol(settings: Settings) -> str:
         from .server import httpproto
     except ImportError:  # httptools is not installed
         return "h11"
-    httpproto.configure(max_header_bytes=settings.max_header_bytes, header_timeout=settings.header_timeout)
+    httpproto.configure(max_header_bytes=settings.max_header_bytes, header_timeout=settings.header_timeout,
+                        body_timeout=settings.body_timeout, body_min_rate=settings.body_min_rate)
     return httpproto.PROTOCOL
 
 

@@ -26,7 +26,7 @@ import anyio.to_thread
 from starlette.types import Receive, Scope, Send
 
 from .errors import ApiError
-from .server.httpproto import REQUESTS_KEY
+from .server.httpproto import REFUSED_KEY, REQUESTS_KEY
 from .server.security import check_token
 
 __all__ = ["CHUNK", "Answer", "ClientGone", "Codec", "ComputeEndpoint", "Head", "SendTimeout", "read_body"]
@@ -144,15 +144,30 @@ async def _send_piece(send: Send, piece: bytes | memoryview, more: bool, timeout
 
 class Ticket(Protocol):
     def require(self, total: int, what: str, *, status: int = 422) -> None: ...
+    def fits(self, total: int, what: str, *, status: int = 422) -> None: ...
+
+
+def _gone(message: Any) -> Exception:
+    """What an ``http.disconnect`` while reading means: the server refused the body (too slow, too
+    large a trailer: the answer already went out, this counts it), or the client left."""
+    refused = message.get(REFUSED_KEY)
+    if refused is None:
+        return ClientGone()
+    status, code, text = refused
+    return ApiError(status, text, code=code, reason=code, headers={"Connection": "close"})
 
 
 async def read_body(receive: Receive, head: Head, limit: int, ticket: Ticket, *, inflate: bool = False,
                     into_buffer: bool = False) -> bytes:
     """The whole body, refusing (413) as soon as the declared, received or (with ``inflate``)
-    inflated size passes ``limit``, and holding its bytes in ``ticket`` before they are allocated.
+    inflated size passes ``limit``, and holding its bytes in ``ticket`` as they arrive, before
+    they are kept (a declared size larger than the whole budget is refused at once; a declared
+    size reserves nothing: a client that sends only a head holds no memory).
     ``Content-Encoding: gzip`` / ``deflate`` bodies are inflated incrementally, so a compression
-    bomb costs at most ``limit`` bytes. With ``into_buffer``, a body of declared length arrives in
-    one ``bytearray`` (no chunks joined after: half the peak memory of a large upload)."""
+    bomb costs at most ``limit`` bytes; data after the end of the compressed stream (a second gzip
+    member, trailing bytes) is refused (400). With ``into_buffer``, a body of declared length
+    arrives in one ``bytearray`` that grows as it arrives (no chunks joined after: half the peak
+    memory of a large upload)."""
     raw = head.header(b"content-length")
     declared: int | None = None
     if raw is not None:
@@ -162,8 +177,9 @@ async def read_body(receive: Receive, head: Head, limit: int, ticket: Ticket, *,
             raise ApiError(400, "Content-Length is not an integer") from None
         if declared > limit:
             raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes", field="body")
-        ticket.require(declared, f"a request body of {declared} bytes", status=413)
+        ticket.fits(declared, f"a request body of {declared} bytes", status=413)
     inflater = None
+    enc = "identity"
     if inflate:
         enc = (head.header(b"content-encoding") or "identity").strip().lower()
         if enc == "gzip":
@@ -175,27 +191,33 @@ async def read_body(receive: Receive, head: Head, limit: int, ticket: Ticket, *,
     if inflater is None and declared is not None and declared <= 1 << 16:
         message = await receive()  # the common case: a small body in one message
         if message["type"] == "http.disconnect":
-            raise ClientGone()
+            raise _gone(message)
         if not message.get("more_body", False):
             body = message.get("body", b"")
             if len(body) > declared:
                 raise ApiError(400, f"the body is longer than its Content-Length of {declared} bytes")
+            ticket.require(len(body), f"a request body of {len(body)} bytes", status=413)
             return body
         chunks = [message.get("body", b"")]
         size = len(chunks[0])
+        ticket.require(size, f"a request body of {size} bytes", status=413)
     else:
         chunks, size = [], 0
-    # a declared body of some size is received into one buffer (no list of chunks joined after)
-    whole = (bytearray(declared) if into_buffer and declared is not None and inflater is None
-             and declared > 1 << 16 else None)
+    # a declared body of some size is received into one buffer (no list of chunks joined after),
+    # grown as its bytes arrive
+    whole = bytearray() if into_buffer and declared is not None and inflater is None and declared > 1 << 16 else None
+    received = 0  # bytes on the wire (compressed, when inflating)
     more = True
     while more:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone()
+            raise _gone(message)
         chunk = message.get("body", b"")
         more = message.get("more_body", False)
+        received += len(chunk)
         if inflater is not None and chunk:
+            if inflater.eof:
+                raise _after_end(enc)
             try:
                 chunk = inflater.decompress(chunk, limit - size + 1)
                 if inflater.unconsumed_tail:
@@ -203,28 +225,33 @@ async def read_body(receive: Receive, head: Head, limit: int, ticket: Ticket, *,
             except zlib.error as exc:
                 encoding = head.header(b"content-encoding")
                 raise ApiError(400, f"the body is not valid {encoding} data: {exc}") from None
+            if inflater.unused_data:
+                raise _after_end(enc)
         size += len(chunk)
         if size > limit:
             what = "inflated request body" if inflater is not None else "request body"
             raise ApiError(413, f"the {what} is over the limit of {limit} bytes", field="body")
-        if declared is None or inflater is not None:
-            ticket.require(size + (declared if inflater is not None and declared else 0),
-                           f"a request body of {size} bytes", status=413)
+        if declared is not None and inflater is None and size > declared:
+            raise ApiError(400, f"the body is longer than its Content-Length of {declared} bytes")
+        # what arrived is held before it is kept (with the compressed bytes, when inflating)
+        ticket.require(size + (received if inflater is not None else 0), f"a request body of {size} bytes",
+                       status=413)
         if whole is not None:
-            if size > len(whole):
-                raise ApiError(400, f"the body is longer than its Content-Length of {len(whole)} bytes")
-            whole[size - len(chunk):size] = chunk
+            whole += chunk
         elif chunk:
             chunks.append(chunk)
     if whole is not None:
-        if size != len(whole):
-            raise ApiError(400, f"the body ended after {size} of its {len(whole)} declared bytes")
+        if size != declared:
+            raise ApiError(400, f"the body ended after {size} of its {declared} declared bytes")
         return whole  # type: ignore[return-value]  # bytes-like: what the decoders read
     if inflater is not None and not inflater.eof:
         raise ApiError(400, f"the {head.header(b'content-encoding')} body is truncated")
-    if declared is not None and inflater is None and size > declared:
-        raise ApiError(400, f"the body is longer than its Content-Length of {declared} bytes")
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _after_end(encoding: str) -> ApiError:
+    return ApiError(400, f"the body goes on after the end of its Content-Encoding {encoding} data (a second "
+                    "member, or trailing bytes); send one complete stream")
 
 
 class Codec(Protocol):

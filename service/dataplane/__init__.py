@@ -240,13 +240,7 @@ class Ticket:
         if extra <= 0:
             return
         b = self.budget
-        if total > b.capacity:
-            raise ApiError(
-                status,
-                f"{what} needs about {total} bytes of memory, more than the server's whole memory budget of "
-                f"{b.capacity} bytes (SURROGATE_MEMORY_BUDGET); send a smaller request",
-                code="body_too_large" if status == 413 else "too_large", reason="memory",
-            )
+        self.fits(total, what, status=status)
         if not b.try_acquire(extra):
             raise ApiError(
                 503,
@@ -255,6 +249,18 @@ class Ticket:
                 code="overloaded", headers={"Retry-After": "1"}, reason="memory",
             )
         self.held = total
+
+    def fits(self, total: int, what: str, *, status: int = 422) -> None:
+        """Refuse the request (as ``require`` does) when ``total`` is more than the whole budget;
+        holds nothing."""
+        b = self.budget
+        if total > b.capacity:
+            raise ApiError(
+                status,
+                f"{what} needs about {total} bytes of memory, more than the server's whole memory budget of "
+                f"{b.capacity} bytes (SURROGATE_MEMORY_BUDGET); send a smaller request",
+                code="body_too_large" if status == 413 else "too_large", reason="memory",
+            )
 
     def release(self) -> None:
         if self.held:

@@ -101,6 +101,18 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a connection may take to send a request's line and headers; past it, 408 and close.",
     )
+    body_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a request body may go without a byte, and its grace period before "
+        "SURROGATE_BODY_MIN_RATE applies; past either, 408 and close.",
+    )
+    body_min_rate: int = Field(
+        1024,
+        ge=0,
+        description="Bytes per second a request body must average once its first SURROGATE_BODY_TIMEOUT seconds "
+        "are over (0: no minimum); under it, 408 and close.",
+    )
     memory_budget: int | None = Field(
         None,
         ge=0,

@@ -34,6 +34,7 @@ from service.dataplane.memory import MemoryBudget
 from service.errors import ApiError
 from service.protocols.tensors import npy as npy_module
 from service.protocols.tensors.npy import MAX_NPZ_MEMBERS, decode_npz
+from service.server import httpproto
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/piecewise_quadratic/infer"
@@ -100,6 +101,9 @@ class RecordingTicket:
 
     def require(self, total: int, what: str, *, status: int = 422) -> None:
         self.asked.append(total)
+
+    def fits(self, total: int, what: str, *, status: int = 422) -> None:
+        pass
 
 
 def _compress(raw: bytes, encoding: str) -> bytes:
@@ -420,3 +424,96 @@ async def test_too_many_npz_members_sent_to_v1_are_422_without_parsing(zip_spy):
             r = await c.post("/v1/grad", content=b.getvalue(), headers={"content-type": NPZ})
             assert r.status_code == 200 and zip_spy.opened == 1
             assert r.json()["grad"] == grad_ref(x).tolist()
+
+
+# -- data after the end of a compressed body ---------------------------------------------------------
+
+@pytest.mark.parametrize("piece", [None, 7], ids=["one-message", "7-byte-messages"])
+@pytest.mark.parametrize(("encoding", "tail"), [
+    ("gzip", b"trailing garbage"),
+    ("gzip", gzip.compress(b"[1.0]")),  # a second member
+    ("gzip", b"\0"),  # one byte is enough
+    ("deflate", b"trailing garbage"),
+])
+async def test_data_after_the_end_of_a_compressed_body_is_400_naming_content_encoding(encoding, tail, piece):
+    raw = b'{"x": [1.0, 2.0]}'
+    packed = _compress(raw, encoding)
+    assert await _read(packed, {"content-encoding": encoding}, 1 << 20, RecordingTicket(), piece=piece) == raw
+    with pytest.raises(ApiError) as info:
+        await _read(packed + tail, {"content-encoding": encoding}, 1 << 20, RecordingTicket(), piece=piece)
+    assert info.value.status == 400
+    assert f"Content-Encoding {encoding}" in info.value.message
+    assert "after the end" in info.value.message
+
+
+# -- a declared length reserves nothing; bytes are held as they arrive --------------------------------
+
+async def _read_until_gone(pieces: list[bytes], declared: int, ticket: Any, *, tail: dict | None = None) -> Exception:
+    """``read_body`` of a body declared ``declared`` bytes long that sends ``pieces``, then
+    disconnects (with ``tail`` as the disconnect message); what it raised."""
+    messages = [{"type": "http.request", "body": p, "more_body": True} for p in pieces]
+    messages.append(tail or {"type": "http.disconnect"})
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    head = Head({"headers": [(b"content-length", str(declared).encode())]})
+    with pytest.raises(Exception) as info:
+        await read_body(receive, head, 64 << 20, ticket, into_buffer=True)
+    return info.value
+
+
+@pytest.mark.parametrize("declared", [10, 60 << 20], ids=["10-bytes", "60-MiB"])
+async def test_a_declared_length_reserves_nothing_before_its_bytes_arrive(declared):
+    budget = MemoryBudget(64 << 20)
+    assert budget.try_acquire(32 << 20)  # others hold half the budget: a 60 MiB body still starts
+    ticket = Ticket(budget)
+    assert isinstance(await _read_until_gone([], declared, ticket), compute.ClientGone)
+    assert ticket.held == 0 and budget.peak == 32 << 20
+
+
+async def test_the_reservation_grows_with_what_arrived():
+    budget = MemoryBudget(64 << 20)
+    held = []
+
+    class Watching(Ticket):
+        def require(self, total: int, what: str, *, status: int = 422) -> None:
+            super().require(total, what, status=status)
+            held.append(self.held)
+
+    ticket = Watching(budget)
+    err = await _read_until_gone([b"a" * (1 << 20)] * 3, 60 << 20, ticket)
+    assert isinstance(err, compute.ClientGone)
+    assert held == [1 << 20, 2 << 20, 3 << 20]  # what arrived, never the declared 60 MiB
+    assert budget.peak == 3 << 20
+
+
+async def test_a_body_that_does_not_fit_beside_others_is_503_once_its_bytes_pass_what_is_free():
+    budget = MemoryBudget(4 << 20)
+    assert budget.try_acquire(3 << 20)
+    ticket = Ticket(budget)
+    err = await _read_until_gone([b"a" * (512 << 10), b"a" * (512 << 10), b"a" * 1], 3 << 20, ticket)
+    assert isinstance(err, ApiError)
+    assert err.status == 503 and err.reason == "memory"
+    assert ticket.held == 1 << 20  # the first MiB fitted
+    ticket.release()
+
+
+async def test_a_declared_length_larger_than_the_whole_budget_is_refused_at_once():
+    budget = MemoryBudget(4 << 20)
+    ticket = Ticket(budget)
+    err = await _read_until_gone([], (4 << 20) + 1, ticket)
+    assert isinstance(err, ApiError)
+    assert err.status == 413 and "memory budget" in err.message
+    assert budget.peak == 0
+
+
+async def test_a_body_the_server_refused_while_it_was_read_is_counted_under_its_reason():
+    """The HTTP protocol ends a body that stalls (408) or whose trailers are too large (431): the
+    disconnect it hands the app says so."""
+    refusal = (408, "request_timeout", "no byte of the request body arrived for 10 s (SURROGATE_BODY_TIMEOUT)")
+    tail = {"type": "http.disconnect", httpproto.REFUSED_KEY: refusal}
+    err = await _read_until_gone([b"a" * 100], 1000, RecordingTicket(), tail=tail)
+    assert isinstance(err, ApiError)
+    assert (err.status, err.code, err.reason, err.message) == (408, "request_timeout", "request_timeout", refusal[2])
+    assert err.headers == {"Connection": "close"}

@@ -51,17 +51,26 @@ OVERRIDDEN = {
     "connection_made": ("self", "transport"),
     "connection_lost": ("self", "exc"),
     "data_received": ("self", "data"),
+    "on_header": ("self", "name", "value"),
     "on_headers_complete": ("self",),
     "on_body": ("self", "body"),
     "on_message_complete": ("self",),
+    "on_response_complete": ("self",),
     "shutdown": ("self",),
 }
 
 #: Instance attributes that HttpToolsProtocol sets and the subclass reads (never methods).
-INHERITED_ATTRIBUTES = {"cycle", "transport", "loop", "logger", "client", "scope", "server_state"}
+INHERITED_ATTRIBUTES = {
+    "cycle", "transport", "loop", "logger", "client", "scope", "server_state", "parser", "flow", "pipeline",
+}
 
 #: Attributes of HttpToolsProtocol's RequestResponseCycle (``self.cycle``) that the subclass reads or sets.
-CYCLE_ATTRIBUTES = {"response_complete", "keep_alive"}
+CYCLE_ATTRIBUTES = {
+    "response_complete", "keep_alive", "response_started", "disconnected", "waiting_for_100_continue", "scope",
+    "message_event", "receive",
+}
+#: What each of them is (``receive`` is a method, which the subclass wraps per request).
+CYCLE_TYPES = {"scope": dict, "message_event": asyncio.Event}
 
 PARENT = httptools_impl.HttpToolsProtocol
 SOURCE = Path(httpproto.__file__)
@@ -126,6 +135,7 @@ def test_the_contract_lists_exactly_what_httpproto_uses():
     assert USES["via_super"] == (set(OVERRIDDEN) - {"shutdown"}) | {"__init__"}, "the super() calls changed"
     assert USES["inherited"] == INHERITED_ATTRIBUTES, "the inherited attributes httpproto.py reads changed"
     assert USES["cycle"] == CYCLE_ATTRIBUTES, "the attributes of self.cycle httpproto.py uses changed"
+    assert set(CYCLE_TYPES) < CYCLE_ATTRIBUTES
 
 
 def test_uvicorn_still_has_the_private_names_httpproto_imports():
@@ -214,8 +224,16 @@ async def test_the_inherited_attributes_are_still_attributes(connect):
     await conn.served()
     cycle = conn.protocol.cycle
     assert isinstance(cycle, httptools_impl.RequestResponseCycle), f"uvicorn {version}: self.cycle is a {type(cycle)}"
-    for name in sorted(CYCLE_ATTRIBUTES):
-        assert isinstance(vars(cycle).get(name), bool), f"uvicorn {version}: RequestResponseCycle.{name} is not a bool"
+    for name in sorted(CYCLE_ATTRIBUTES - {"receive"}):
+        kind = CYCLE_TYPES.get(name, bool)
+        assert isinstance(vars(cycle).get(name), kind), (
+            f"uvicorn {version}: RequestResponseCycle.{name} is not a {kind.__name__}"
+        )
+    receive = httptools_impl.RequestResponseCycle.receive
+    assert inspect.iscoroutinefunction(receive) and tuple(inspect.signature(receive).parameters) == ("self",), (
+        f"uvicorn {version}: RequestResponseCycle.receive is no longer the ASGI receive the app is given"
+    )
+    assert cycle.scope is conn.protocol.scope
     assert cycle.response_complete is True
     assert cycle.keep_alive is True
 
@@ -271,18 +289,26 @@ class FakeTransport:
 
 
 class App:
-    """Answers every request 200 with what it received: ``{"path": ..., "body": <length>}``."""
+    """Answers every request 200 with what it received: ``{"path": ..., "body": <length>}``; with
+    ``reads`` False without reading the body, after ``delay`` seconds before reading it."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.reads = True
+        self.delay = 0.0
+        self.last: dict = {}  # the last message received
+        self.headers: list = []  # the last request's headers (uvicorn's list, as it stands after the request)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         assert scope["type"] == "http"
         self.calls.append(scope["path"])
+        self.headers = scope["headers"]
         self.in_progress = len(scope[httpproto.REQUESTS_KEY])
         size = 0
-        while True:
-            message = await receive()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        while self.reads:
+            message = self.last = await receive()
             size += len(message.get("body", b""))
             if not message.get("more_body"):
                 break
@@ -653,3 +679,218 @@ async def test_a_request_sees_how_many_requests_the_server_has_in_progress(conne
     other.send(head_of(100))  # both arrive before either runs
     await shared.served()
     assert shared.app.in_progress == 2 and other.app.in_progress == 2
+
+
+# -- chunked trailers -----------------------------------------------------------------------------
+
+
+def chunked(body: bytes, trailer: bytes, path: str = "/upload") -> tuple[bytes, bytes]:
+    """A chunked POST of ``body`` (in chunks of 100 bytes), and its trailer section: ``trailer`` is
+    the whole section after the last chunk's line, blank line included."""
+    head = f"POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 100]), body[i:i + 100]) for i in range(0, len(body), 100))
+    return head + chunks + b"0\r\n", trailer
+
+
+def trailer_of(size: int) -> bytes:
+    """A trailer section of exactly ``size`` bytes: one field, then the blank line."""
+    section = b"X-Trailer: " + b"t" * (size - 15) + b"\r\n\r\n"
+    assert len(section) == size
+    return section
+
+
+@pytest.mark.parametrize("how", ["one read", "byte by byte", "trailer split"])
+async def test_a_trailer_section_of_exactly_the_limit_is_served_and_dropped(connect, how):
+    conn = connect()
+    message, trailer = chunked(b"b" * 250, trailer_of(LIMIT))
+    if how == "one read":
+        conn.send(message + trailer)
+    elif how == "byte by byte":
+        for i in range(len(message + trailer)):
+            conn.send((message + trailer)[i : i + 1])
+    else:
+        conn.send(message + trailer[:500])
+        conn.send(trailer[500:])
+    await conn.served()
+    [(status, _, answer)] = conn.answers()
+    assert status == 200
+    assert json.loads(answer) == {"path": "/upload", "body": 250}
+    assert [name for name, _ in conn.app.headers] == [b"host", b"transfer-encoding"]  # the trailer is not in them
+    assert not conn.transport.eof  # kept alive
+
+
+@pytest.mark.parametrize("how", ["one read", "byte by byte", "trailer split"])
+async def test_one_trailer_byte_past_the_limit_is_431_before_the_parser_sees_it(connect, parent_reads, how):
+    conn = connect()
+    message, trailer = chunked(b"b" * 250, trailer_of(LIMIT + 1))
+    if how == "one read":
+        conn.send(message + trailer)
+    elif how == "byte by byte":
+        for i in range(len(message + trailer)):
+            conn.send((message + trailer)[i : i + 1])
+    else:
+        conn.send(message + trailer[:500])
+        conn.send(trailer[500:])
+    await conn.served()
+    assert sum(parent_reads) <= len(message) + LIMIT  # no trailer byte past the limit reached the parser
+    [(status, headers, answer)] = conn.answers()
+    assert status == 431 and headers["connection"] == "close"
+    assert json.loads(answer)["error"]["message"] == f"the trailer fields exceed {LIMIT} bytes"
+    assert error_of(answer) == (431, "headers_too_large")
+    refusal = (431, "headers_too_large", f"the trailer fields exceed {LIMIT} bytes")
+    assert conn.app.last == {"type": "http.disconnect", httpproto.REFUSED_KEY: refusal}
+    assert conn.transport.eof
+    await until(lambda: conn.transport.closed)
+
+
+async def test_a_64_mib_trailer_is_refused_after_the_limit_and_the_rest_dropped(connect, parent_reads):
+    conn = connect()
+    message, _ = chunked(b"b" * 10, b"")
+    conn.send(message + b"X-Flood: ")
+    piece = b"f" * (1 << 20)
+    for _ in range(64):
+        conn.send(piece)
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [431]
+    assert sum(parent_reads) < len(message) + LIMIT  # the parser never buffered more than the limit
+    assert conn.transport.eof
+
+
+async def test_a_request_pipelined_after_a_chunked_body_has_a_head_limit_of_its_own(connect):
+    """Counted exactly, even within the read that ends the chunked body (a head past the limit
+    behind an answer in progress ends the connection after that answer)."""
+    conn = connect()
+    message, trailer = chunked(b"b" * 10, b"\r\n")
+    conn.send(message + trailer + head_of(LIMIT))
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200, 200]
+    conn.send(message + trailer + head_of(LIMIT + 1))
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200, 200, 200]
+    assert conn.transport.closed and conn.app.calls == ["/upload", "/healthz", "/upload"]
+
+
+@pytest.mark.parametrize("line", [b"0;ext=1\r\n", b"000\r\n"])
+async def test_the_last_chunk_is_found_with_extensions_and_leading_zeros(connect, line):
+    conn = connect()
+    head = b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    conn.send(head + b"5;a=b\r\nhello\r\n" + line + trailer_of(LIMIT))
+    await conn.served()
+    conn.send(head + b"5\r\nhello\r\n" + line + trailer_of(LIMIT + 1))
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200, 431]
+
+
+# -- request bodies: the timeout, the minimum rate, the close after an early answer -------------------
+
+
+@pytest.fixture
+def body_limits(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    def set_(timeout: float, rate: int) -> None:
+        monkeypatch.setattr(LimitedHttpToolsProtocol, "body_timeout", timeout)
+        monkeypatch.setattr(LimitedHttpToolsProtocol, "body_min_rate", rate)
+
+    return set_
+
+
+def post_head(length: int, path: str = "/upload") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n".encode()
+
+
+async def test_a_body_that_stops_arriving_is_408_after_the_body_timeout(connect, body_limits):
+    body_limits(0.2, 0)
+    loop = asyncio.get_running_loop()
+    conn = connect()
+    start = loop.time()
+    conn.send(post_head(10) + b"12345")  # half of it, then nothing
+    await until(lambda: conn.transport.written != b"")
+    assert loop.time() - start >= 0.2  # not before the timeout
+    [(status, headers, answer)] = conn.answers()
+    assert status == 408 and headers["connection"] == "close"
+    message = "no byte of the request body arrived for 0.2 s (SURROGATE_BODY_TIMEOUT)"
+    assert json.loads(answer)["error"]["message"] == message
+    await conn.served()  # the app's receive ended, telling it why
+    assert conn.app.last == {"type": "http.disconnect", httpproto.REFUSED_KEY: (408, "request_timeout", message)}
+    assert conn.transport.eof
+    await until(lambda: conn.transport.closed)
+
+
+async def test_a_body_that_trickles_under_the_minimum_rate_is_408(connect, body_limits):
+    body_limits(0.2, 1000)
+    conn = connect()
+    conn.send(post_head(1000))
+    for _ in range(200):  # a byte every 20 ms: never idle for the timeout, but 50 bytes/s
+        if conn.transport.written:
+            break
+        conn.send(b"x")
+        await asyncio.sleep(0.02)
+    [(status, _, answer)] = conn.answers()
+    assert status == 408
+    assert "fewer than 1000 bytes per second" in json.loads(answer)["error"]["message"]
+    assert conn.protocol._body_bytes < 200  # cut after about 0.2 s, not when the body ended
+
+
+async def test_a_slow_but_steady_body_is_served(connect, body_limits):
+    body_limits(0.5, 1000)
+    conn = connect()
+    conn.send(post_head(4000))
+    for _ in range(20):  # 200 bytes every 50 ms: 4000 bytes/s, four times the minimum
+        conn.send(b"y" * 200)
+        await asyncio.sleep(0.05)
+    await conn.served()
+    [(status, _, answer)] = conn.answers()
+    assert status == 200 and json.loads(answer)["body"] == 4000
+
+
+async def test_the_clock_stops_while_the_app_does_not_take_the_body(connect, body_limits):
+    """Reading is paused once 64 KiB wait for the app: the client is not blamed for that."""
+    body_limits(0.1, 1000)
+    conn = connect()
+    conn.app.delay = 0.5  # the app takes five body timeouts before it reads
+    conn.send(post_head(200_000) + b"z" * 100_000)
+    await asyncio.sleep(0.3)
+    assert conn.transport.read_paused and conn.transport.written == b""
+    await until(lambda: not conn.transport.read_paused)
+    conn.send(b"z" * 100_000)
+    await conn.served()
+    [(status, _, answer)] = conn.answers()
+    assert status == 200 and json.loads(answer)["body"] == 200_000
+
+
+async def test_an_answer_before_the_body_closes_the_connection(connect, body_limits):
+    """``GET /healthz`` with ``Content-Length: 1000000`` and no body: answered, then closed (the
+    rest of the body is not waited for, nor read)."""
+    body_limits(30.0, 0)
+    conn = connect()
+    conn.app.reads = False
+    conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200]
+    assert conn.transport.eof  # FIN after the answer
+    conn.send(b"x" * 1000)  # dropped while lingering
+    await until(lambda: conn.transport.closed)
+    assert [status for status, _, _ in conn.answers()] == [200]
+
+
+async def test_an_answer_after_the_whole_body_keeps_the_connection(connect, body_limits):
+    body_limits(30.0, 0)
+    conn = connect()
+    conn.send(post_head(5) + b"hello")
+    await conn.served()
+    conn.send(post_head(5) + b"hello")
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200, 200]
+    assert not conn.transport.eof and not conn.transport.closed
+
+
+async def test_the_body_watch_runs_only_while_bodies_arrive(connect, body_limits):
+    body_limits(0.2, 0)
+    conn = connect()
+    conn.send(post_head(10) + b"12345")
+    await asyncio.sleep(0)
+    watch = httpproto._WATCHES[asyncio.get_running_loop()]
+    assert conn.protocol in watch.members and watch._timer is not None
+    conn.send(b"67890")
+    await conn.served()
+    await until(lambda: watch._timer is None)
+    assert not watch.members
