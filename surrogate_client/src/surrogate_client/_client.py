@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextvars
 import email.utils
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -120,6 +121,38 @@ class _Call:
 
         return httpx.Timeout(connect=cut(base.connect), read=cut(base.read), write=cut(base.write),
                              pool=cut(base.pool))
+
+
+class _Workers:
+    """Daemon threads that run the blocking client's calls while their callers wait, at most until
+    the deadline; a thread is reused once its call ends (up to ``keep`` idle ones are kept)."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Start ``job`` (which handles its own exceptions) in an idle thread, or a new one."""
+        with self._lock:
+            jobs = self._idle.pop() if self._idle else None
+        if jobs is None:
+            jobs = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(jobs,), name="surrogate-client-call", daemon=True).start()
+        jobs.put(job)
+
+    def _serve(self, jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            job = jobs.get()
+            job()
+            del job  # keep nothing of the call (its result) while idle
+            with self._lock:
+                if len(self._idle) >= self._keep:
+                    return
+                self._idle.append(jobs)
+
+
+_WORKERS = _Workers()
 
 
 @dataclass
@@ -354,8 +387,8 @@ class SurrogateClient(_Base):
 
     def _run(self, path: str, fn: Callable[[_Call], T]) -> T:
         """``fn(call)`` within the deadline. A blocking read cannot be interrupted, so with a deadline
-        the call runs in a thread of its own and the caller waits for it until the deadline; a call
-        past it stops at its next chunk, or at its next read's timeout (cut to the deadline)."""
+        the call runs in a worker thread and the caller waits for it until the deadline; a call past
+        it stops at its next chunk, or at its next read's timeout (cut to the deadline)."""
         call = self._call(path)
         if call.seconds is None:
             return fn(call)
@@ -371,7 +404,7 @@ class SurrogateClient(_Base):
             finally:
                 done.set()
 
-        threading.Thread(target=work, name="surrogate-client-call", daemon=True).start()
+        _WORKERS.run(work)
         try:
             finished = done.wait(max(call.left() or 0.0, 0.0))
         finally:
