@@ -33,9 +33,9 @@ KINDS = ["sync", "async"]
 MiB = 1 << 20
 
 # The answer cap of a (6,) float32 result asked for as JSON, by hand: an envelope of 256 bytes, 22 for
-# the one dimension of the shape, 3 for the one list, (15 + 1) for each of the 6 elements (float32's
-# longest text and a comma) = 377; plus the default margin of 64 KiB.
-JSON6_BYTES = 256 + 22 + 3 + 16 * 6
+# the one dimension of the shape, 3 for the one list, (16 + 1) for each of the 6 elements (float32's
+# longest text and a comma) = 383; plus the default margin of 64 KiB.
+JSON6_BYTES = 256 + 22 + 3 + 17 * 6
 JSON6_CAP = JSON6_BYTES + 65536
 X6 = [0.5, -0.5, 0.0, 1.0, -1.0, 2.0]
 
@@ -387,3 +387,41 @@ def test_a_batch_result_of_another_shape_is_refused(kind):
     with hostile(fixed(json_body(answer), Content_Type="application/json")) as srv:
         with pytest.raises(scl.DecodingError, match=r"shape \(3, 2\).*\(6,\)"):
             call(kind, srv.url, "batch", "grad", [{"x": [0.5, 1.0]}, {"x": X6}])
+
+
+# ---------------------------------------------------------------------------------------------
+# the cap is never below a correct answer
+
+
+# the longest text of each dtype (orjson, as the service writes JSON), found by trying every float16
+# and bfloat16 value and every decade of float32 and float64
+LONGEST = {"float32": -1.8028688e-06, "float64": -2.2250738585072014e-308, "float16": -1.0728836e-06,
+           "bfloat16": -1.0058284e-06}
+
+
+@pytest.mark.parametrize("dtype", list(LONGEST))
+@pytest.mark.parametrize("shape", [(), (6,), (3, 2), (1000, 0), (2, 0, 3), (0,), (5, 1, 1, 1), (70000,)])
+def test_the_cap_holds_the_longest_answer_the_service_writes(dtype, shape):
+    """The service's own encoders, on values with the longest text of each dtype and the longest
+    surrogate name: both encodings fit the client's estimate (before its margin)."""
+    import ml_dtypes
+    import orjson
+    import surrogate_core as core
+    from service.protocols.tensors.arrays import encode_json, for_json
+    from service.protocols.tensors.jsonout import result_pieces
+    from service.protocols.tensors.npy import npy_parts
+    from service.protocols.v1.codec import result_dict
+
+    from surrogate_client import _wire as W
+
+    wire = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+    a = np.full(shape, LONGEST[dtype], np.float64).astype(wire[dtype])
+    name = max(core.names(), key=len)
+    fields = {"surrogate": name, "dtype": dtype, "shape": list(shape)}
+    texts = [encode_json(result_dict("grad", name, dtype, a)), b"".join(result_pieces(fields, "grad", for_json(a)))]
+    assert max(map(len, texts)) <= W.answer_bytes(shape, dtype, binary=False)
+    if a.size:  # the values have the longest text: 24 characters for float64, 16 for the others
+        one = orjson.dumps(for_json(a).reshape(-1)[:1], option=orjson.OPT_SERIALIZE_NUMPY)
+        assert len(one) - 2 == (24 if dtype == "float64" else 16), one
+    header, data = npy_parts(a)
+    assert len(header) + len(data) <= W.answer_bytes(shape, dtype, binary=True)

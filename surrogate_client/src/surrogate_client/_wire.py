@@ -223,10 +223,10 @@ def _result_size(arrays: list[np.ndarray]) -> int:
 #: travels as float32). A dtype the client does not know counts as the widest.
 _WIRE_ITEMSIZE = {"float16": 2, "float32": 4, "bfloat16": 4, "float64": 8}
 
-#: The longest JSON text of one element: float64's shortest round-trip repr is at most 24
-#: characters (``-2.2250738585072014e-308``), float32's 15 (``-1.17549435e-38``); float16 and
-#: bfloat16 are written through float32.
-_JSON_ELEMENT = {2: 15, 4: 15, 8: 24}
+#: The longest JSON text of one element as the service writes it (orjson's shortest round trip):
+#: float64's is 24 characters (``-2.2250738585072014e-308``), float32's 16 (``-0.0000018028688``);
+#: float16 and bfloat16 are written through float32 (``-0.0000010728836``, ``-0.0000010058284``).
+_JSON_ELEMENT = {2: 16, 4: 16, 8: 24}
 
 
 def answer_bytes(shape: tuple[int, ...], dtype_name: str, *, binary: bool) -> int:
