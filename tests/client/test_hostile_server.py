@@ -255,6 +255,27 @@ def test_a_compression_bomb_is_not_inflated_past_the_cap(kind, encoding, bombs):
     assert peak < 16 * MiB, peak  # 256 MiB inflated in full
 
 
+def compress(body: bytes, encoding: str) -> bytes:
+    for coding in encoding.split(", "):  # in the order they were applied
+        if coding == "br":
+            body = brotli.compress(body)
+        else:
+            z = zlib.compressobj(6, zlib.DEFLATED, {"gzip": 31, "deflate": 15, "raw-deflate": -15}[coding])
+            body = z.compress(body) + z.flush()
+    return body
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate", "br", "deflate, gzip"])
+def test_a_correct_compressed_answer_is_read(kind, encoding):
+    body = compress(json_body(doc(grad=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0])), encoding)
+    named = encoding.replace("raw-deflate", "deflate")  # servers send raw deflate under that name too
+    with hostile(fixed(body, Content_Type="application/json", Content_Encoding=named)) as srv:
+        got = call(kind, srv.url, "grad", X6, transport="json")
+    assert got.tolist() == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert got.dtype == np.float32
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_unknown_content_encoding_is_refused(kind):
     with hostile(fixed(json_body(doc()), Content_Type="application/json", Content_Encoding="zstd")) as srv:
@@ -425,3 +446,19 @@ def test_the_cap_holds_the_longest_answer_the_service_writes(dtype, shape):
         assert len(one) - 2 == (24 if dtype == "float64" else 16), one
     header, data = npy_parts(a)
     assert len(header) + len(data) <= W.answer_bytes(shape, dtype, binary=True)
+
+
+def test_the_requests_are_as_before():
+    """The caps change nothing the server sees: Accept-Encoding is httpx's own (brotli >= 1.2 here)."""
+    import httpx
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=doc())
+
+    with scl.SurrogateClient("http://svc", http_transport=httpx.MockTransport(handler)) as c:
+        c.grad(X6, transport="json")
+    with httpx.Client() as plain:
+        assert seen[0].headers["accept-encoding"] == plain.headers["accept-encoding"] == "gzip, deflate, br"
