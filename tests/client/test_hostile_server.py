@@ -462,3 +462,27 @@ def test_the_requests_are_as_before():
         c.grad(X6, transport="json")
     with httpx.Client() as plain:
         assert seen[0].headers["accept-encoding"] == plain.headers["accept-encoding"] == "gzip, deflate, br"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_makes_its_own_workers():
+    """The blocking client's calls run in reused worker threads; a forked child has none of its parent's."""
+    import multiprocessing
+
+    with hostile(fixed(json_body(doc()), Content_Type="application/json")) as srv:
+        assert call("sync", srv.url, "grad", X6, transport="json").shape == (6,)  # a worker is now idle
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=_grad_or_exit, args=(srv.url,))
+        child.start()
+        child.join(30)
+    assert child.exitcode == 0
+
+
+def _grad_or_exit(url: str) -> None:
+    import os
+
+    try:
+        ok = call("sync", url, "grad", X6, transport="json", client={"deadline": 10.0}).shape == (6,)
+    except Exception:
+        ok = False
+    os._exit(0 if ok else 1)

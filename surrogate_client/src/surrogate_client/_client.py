@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextvars
 import email.utils
+import os
 import queue
 import threading
 import time
@@ -152,7 +153,15 @@ class _Workers:
                 self._idle.append(jobs)
 
 
+    def forget(self) -> None:
+        """In a forked child: the parent's threads are not there."""
+        self._idle = []
+        self._lock = threading.Lock()
+
+
 _WORKERS = _Workers()
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_WORKERS.forget)
 
 
 @dataclass
