@@ -152,7 +152,6 @@ class _Workers:
                     return
                 self._idle.append(jobs)
 
-
     def forget(self) -> None:
         """In a forked child: the parent's threads are not there."""
         self._idle = []
