@@ -1,14 +1,20 @@
 """``SurrogateClient`` (blocking) and ``AsyncSurrogateClient``: one httpx client each, retries,
-typed errors. The request and response formats are in ``_wire``; this module only sends."""
+typed errors, a deadline per call and a cap on the size of each answer. The request and response
+formats are in ``_wire``; this module only sends and reads."""
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
+import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -17,7 +23,7 @@ import numpy as np
 
 from . import _wire
 from ._exceptions import (
-    DecodingError,
+    ApiError,
     ServerError,
     ServiceUnavailable,
     Timeout,
@@ -32,6 +38,30 @@ __all__ = ["AsyncSurrogateClient", "SurrogateClient"]
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
+#: Seconds one call may take in all (every attempt, the pauses between them, reading the answer)
+#: when neither ``deadline`` nor a longer ``timeout`` is given.
+DEFAULT_DEADLINE = 60.0
+
+#: Bytes an answer may hold beyond the most a correct answer to its request can (``answer_margin``).
+DEFAULT_ANSWER_MARGIN = 1 << 16
+
+#: The most bytes of a metadata answer (``info``, ``surrogates``, ``health``...), before the margin.
+METADATA_ANSWER_BYTES = 1 << 20
+
+#: The bytes of an error answer (4xx, 5xx) that are read; the rest is dropped (and the connection).
+ERROR_ANSWER_BYTES = 1 << 16
+
+T = TypeVar("T")
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+#: ``deadline`` not given: :func:`default_deadline` of the ``timeout``.
+_DEFAULT: Any = _Default()
+
 #: Statuses answered again after a pause (the server asks to come back later).
 RETRY_STATUSES = frozenset({429, 503})
 
@@ -45,9 +75,107 @@ RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
 )
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def default_deadline(timeout: httpx.Timeout) -> float | None:
+    """The deadline of a call when none is given: :data:`DEFAULT_DEADLINE`, or twice the longest of
+    ``timeout``'s limits where that is longer (so a longer ``timeout`` still gets its waits); none
+    when ``timeout`` leaves reads or writes unbounded."""
+    if timeout.read is None or timeout.write is None:
+        return None
+    longest = max(t for t in (timeout.connect, timeout.read, timeout.write, timeout.pool) if t is not None)
+    return max(DEFAULT_DEADLINE, 2.0 * longest)
+
+
+class _Call:
+    """The deadline of one call (``seconds`` None: none)."""
+
+    def __init__(self, seconds: float | None, url: str) -> None:
+        self.seconds = seconds
+        self.at = None if seconds is None else time.monotonic() + seconds
+        self.url = url
+        self.cancelled = False  # the caller has given up (it raised the deadline's Timeout)
+
+    def left(self) -> float | None:
+        return None if self.at is None else self.at - time.monotonic()
+
+    def expired(self) -> Timeout:
+        return Timeout(f"no complete answer from {self.url} within the deadline of {self.seconds} s")
+
+    def check(self) -> None:
+        left = self.left()
+        if self.cancelled or (left is not None and left <= 0):
+            raise self.expired()
+
+    def fits(self, pause: float) -> bool:
+        """Whether a pause of ``pause`` seconds ends before the deadline."""
+        left = self.left()
+        return left is None or pause < left
+
+    def timeout(self, base: httpx.Timeout) -> httpx.Timeout:
+        """``base`` with no wait longer than what is left of the deadline."""
+        left = self.left()
+        if left is None:
+            return base
+        left = max(left, 0.001)
+
+        def cut(t: float | None) -> float:
+            return left if t is None else min(t, left)
+
+        return httpx.Timeout(connect=cut(base.connect), read=cut(base.read), write=cut(base.write),
+                             pool=cut(base.pool))
+
+
+class _Workers:
+    """Daemon threads that run the blocking client's calls while their callers wait, at most until
+    the deadline; a thread is reused once its call ends (up to ``keep`` idle ones are kept)."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Start ``job`` (which handles its own exceptions) in an idle thread, or a new one."""
+        with self._lock:
+            jobs = self._idle.pop() if self._idle else None
+        if jobs is None:
+            jobs = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(jobs,), name="surrogate-client-call", daemon=True).start()
+        jobs.put(job)
+
+    def _serve(self, jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            job = jobs.get()
+            job()
+            del job  # keep nothing of the call (its result) while idle
+            with self._lock:
+                if len(self._idle) >= self._keep:
+                    return
+                self._idle.append(jobs)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's threads are not there."""
+        self._idle = []
+        self._lock = threading.Lock()
+
+
+_WORKERS = _Workers()
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_WORKERS.forget)
+
+
+@dataclass
+class _Answer:
+    """A whole answer: its status, headers and (decoded, size-capped) body; ``error`` for >= 400."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytearray
+    error: ApiError | None = None
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), if any."""
-    value = response.headers.get("retry-after")
+    value = headers.get("retry-after")
     if value is None:
         return None
     value = value.strip()
@@ -67,12 +195,16 @@ def _retry_after(response: httpx.Response) -> float | None:
 class _Base:
     """Configuration and the parts shared by the blocking and the async client."""
 
+    _http: httpx.Client | httpx.AsyncClient
+
     def __init__(
         self,
         base_url: str,
         *,
         transport: str,
         timeout: float | httpx.Timeout | None,
+        deadline: float | None,
+        answer_margin: int,
         retries: int,
         backoff: float,
         max_backoff: float,
@@ -85,13 +217,22 @@ class _Base:
             raise ValueError("retries must be >= 0")
         if backoff < 0 or max_backoff < 0:
             raise ValueError("backoff and max_backoff must be >= 0")
+        if answer_margin < 0:
+            raise ValueError("answer_margin must be >= 0")
         self.base_url = str(base_url).rstrip("/")
         self.transport = transport
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
-        self._headers = {"User-Agent": f"surrogate-client/{__version__}", "Accept": _wire.JSON}
+        if deadline is _DEFAULT:
+            deadline = default_deadline(self._timeout)
+        elif deadline is not None and not deadline > 0:
+            raise ValueError("deadline must be > 0 seconds, or None for no deadline")
+        self.deadline: float | None = deadline
+        self.answer_margin = answer_margin
+        self._headers = {"User-Agent": f"surrogate-client/{__version__}", "Accept": _wire.JSON,
+                         "Accept-Encoding": _wire.ACCEPT_ENCODING}
         if headers:
             self._headers.update(headers)
         if token is not None:
@@ -105,10 +246,10 @@ class _Base:
 
     # -- pieces shared by both clients ---------------------------------------------------------
 
-    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+    def _delay(self, attempt: int, answer: _Answer | None) -> float:
         """Pause before retry number ``attempt`` (0-based): the server's Retry-After if it sent
         one, else exponential backoff; at most ``max_backoff`` either way."""
-        wait = _retry_after(response) if response is not None else None
+        wait = _retry_after(answer.headers) if answer is not None else None
         if wait is None:
             wait = self.backoff * (2.0**attempt)
         return min(wait, self.max_backoff)
@@ -131,23 +272,52 @@ class _Base:
             return True
         return False
 
-    @staticmethod
-    def _check(response: httpx.Response) -> httpx.Response:
-        if response.status_code >= 400:
-            raise api_error_from_response(response)
-        return response
+    def _call(self, path: str) -> _Call:
+        return _Call(self.deadline, self.base_url + path)
+
+    def _request(self, spec: _wire.RequestSpec, call: _Call) -> httpx.Request:
+        return self._http.build_request(
+            spec.method, spec.path, params=spec.params or None, headers=spec.headers, content=spec.content,
+            timeout=call.timeout(self._timeout),
+        )
+
+    def _reader(self, spec: _wire.RequestSpec, response: httpx.Response) -> _wire.BodyReader:
+        """The reader of an answer's body: an error's is cut at :data:`ERROR_ANSWER_BYTES`, others are
+        refused past the most a correct answer to ``spec`` can hold, plus ``answer_margin``."""
+        error = response.status_code >= 400
+        if error:
+            cap = ERROR_ANSWER_BYTES
+        else:
+            cap = (METADATA_ANSWER_BYTES if spec.answer_bytes is None else spec.answer_bytes) + self.answer_margin
+        # an answer already in memory (e.g. from httpx.MockTransport) has been inflated by httpx
+        encoding = None if response.is_stream_consumed else response.headers.get("content-encoding")
+        return _wire.BodyReader(encoding, cap, what=f"the answer to {spec.path}", truncate=error)
 
     @staticmethod
-    def _json(response: httpx.Response) -> Any:
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise DecodingError(f"the answer to {response.request.url.path} is not JSON: {exc}") from None
+    def _answer(response: httpx.Response, reader: _wire.BodyReader) -> _Answer:
+        answer = _Answer(response.status_code, response.headers, reader.body())
+        if answer.status >= 400:  # the typed error, with the body as read (inflated, maybe cut)
+            headers = [(k, v) for k, v in response.headers.multi_items()
+                       if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+            whole = httpx.Response(answer.status, headers=headers, content=bytes(answer.content),
+                                   request=response.request)
+            answer.error = api_error_from_response(whole)
+        return answer
 
     @staticmethod
-    def _decode(op: str, response: httpx.Response, spec: _wire.RequestSpec) -> np.ndarray:
+    def _check(answer: _Answer) -> _Answer:
+        if answer.error is not None:
+            raise answer.error
+        return answer
+
+    @staticmethod
+    def _json(answer: _Answer, path: str) -> Any:
+        return _wire.parse_json(answer.content, f"the answer to {path}")
+
+    @staticmethod
+    def _decode(op: str, answer: _Answer, spec: _wire.RequestSpec) -> np.ndarray:
         return _wire.decode_compute(
-            op, response.headers.get("content-type"), response.headers, response.content, spec.dtype, spec.shape
+            op, answer.headers.get("content-type"), answer.headers, answer.content, spec.dtype, spec.shape
         )
 
 
@@ -168,7 +338,15 @@ class SurrogateClient(_Base):
     - ``transport``: how arrays travel: ``"auto"`` (binary .npy/.npz from 16 result elements on,
       JSON below), ``"json"``, ``"npy"`` (always binary: .npy, or .npz when a parameter or the
       cotangent is an array) or ``"npz"`` (always an .npz archive). Each call can override it.
-    - ``timeout``: seconds or an :class:`httpx.Timeout` (default 30 s, 5 s to connect).
+    - ``timeout``: seconds or an :class:`httpx.Timeout`, for each connect, read or write (default
+      30 s, 5 s to connect).
+    - ``deadline``: seconds one call may take in all: every attempt, the pauses between retries and
+      reading the answer (a server that trickles its answer cannot stretch it); past it,
+      :class:`Timeout`. Default :data:`DEFAULT_DEADLINE` (60 s), or twice the longest ``timeout``
+      where that is longer; ``None`` for no deadline (also the default with ``timeout=None``).
+    - ``answer_margin``: bytes an answer may have beyond the most a correct answer to its request
+      holds (its elements at their dtype's size, or their longest JSON text); past it,
+      :class:`DecodingError`, however the answer is compressed. Default 64 KiB.
     - ``retries``, ``backoff``, ``max_backoff``: a request that fails to connect (or whose
       connection breaks) or is answered 503/429 is sent again up to ``retries`` times, after
       ``backoff * 2**n`` seconds or the server's ``Retry-After``, at most ``max_backoff`` seconds.
@@ -182,6 +360,8 @@ class SurrogateClient(_Base):
         *,
         transport: _wire.Transport = "auto",
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        deadline: float | None = _DEFAULT,
+        answer_margin: int = DEFAULT_ANSWER_MARGIN,
         retries: int = 3,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
@@ -190,10 +370,10 @@ class SurrogateClient(_Base):
         http_transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(
-            base_url, transport=transport, timeout=timeout, retries=retries, backoff=backoff,
-            max_backoff=max_backoff, token=token, headers=headers,
+            base_url, transport=transport, timeout=timeout, deadline=deadline, answer_margin=answer_margin,
+            retries=retries, backoff=backoff, max_backoff=max_backoff, token=token, headers=headers,
         )
-        self._http = httpx.Client(
+        self._http: httpx.Client = httpx.Client(
             base_url=self.base_url, headers=self._headers, timeout=self._timeout, transport=http_transport
         )
         self._sleep: Callable[[float], None] = time.sleep
@@ -213,39 +393,100 @@ class SurrogateClient(_Base):
 
     # -- sending -------------------------------------------------------------------------------
 
-    def _send(self, spec: _wire.RequestSpec, *, retry_statuses: frozenset[int] = RETRY_STATUSES) -> httpx.Response:
+    def _run(self, path: str, fn: Callable[[_Call], T]) -> T:
+        """``fn(call)`` within the deadline. A blocking read cannot be interrupted, so with a deadline
+        the call runs in a worker thread and the caller waits for it until the deadline; a call past
+        it stops at its next chunk, or at its next read's timeout (cut to the deadline)."""
+        call = self._call(path)
+        if call.seconds is None:
+            return fn(call)
+        box: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        context = contextvars.copy_context()
+
+        def work() -> None:
+            try:
+                box.append((True, context.run(fn, call)))
+            except BaseException as exc:  # handed to the caller
+                box.append((False, exc))
+            finally:
+                done.set()
+
+        _WORKERS.run(work)
+        try:
+            finished = done.wait(max(call.left() or 0.0, 0.0))
+        finally:
+            if not done.is_set():
+                call.cancelled = True
+        if not finished:
+            raise call.expired()
+        ok, value = box.pop()
+        if ok:
+            return value
+        try:
+            raise value
+        finally:
+            del value
+
+    def _attempt(self, spec: _wire.RequestSpec, call: _Call) -> _Answer:
+        """Send once and read the whole answer, within the answer cap and the deadline."""
+        response = self._http.send(self._request(spec, call), stream=True)
+        try:
+            reader = self._reader(spec, response)
+            if response.is_stream_consumed:
+                reader.feed(response.content)
+            else:
+                for chunk in response.iter_raw():
+                    call.check()
+                    reader.feed(chunk)
+                    if reader.full:
+                        break
+        finally:
+            response.close()
+        return self._answer(response, reader)
+
+    def _send(self, spec: _wire.RequestSpec, call: _Call, *,
+              retry_statuses: frozenset[int] = RETRY_STATUSES) -> _Answer:
         attempt = 0
         while True:
+            call.check()
             try:
-                response = self._http.request(
-                    spec.method, spec.path, params=spec.params or None, headers=spec.headers, content=spec.content
-                )
+                answer = self._attempt(spec, call)
             except RETRY_EXCEPTIONS as exc:
-                if attempt >= self.retries:
+                pause = self._delay(attempt, None)
+                if attempt >= self.retries or not call.fits(pause):
                     raise _wrap_transport_error(exc, self.base_url + spec.path) from exc  # type: ignore[arg-type]
-                self._sleep(self._delay(attempt, None))
+                self._sleep(pause)
             except httpx.TransportError as exc:
                 raise _wrap_transport_error(exc, self.base_url + spec.path) from exc
             else:
-                if response.status_code not in retry_statuses or attempt >= self.retries:
-                    return self._check(response)
-                self._sleep(self._delay(attempt, response))
+                if answer.status not in retry_statuses or attempt >= self.retries:
+                    return self._check(answer)
+                pause = self._delay(attempt, answer)
+                if not call.fits(pause):
+                    return self._check(answer)
+                self._sleep(pause)
             attempt += 1
 
     def _get(self, path: str) -> Any:
-        return self._json(self._send(_wire.RequestSpec("GET", path)))
+        return self._run(path, lambda call: self._json(self._send(_wire.RequestSpec("GET", path), call), path))
 
     def _compute(self, op: str, x: Any, params: Mapping[str, Any], cotangent: Any, surrogate: str | None,
                  dtype: Any, transport: str | None) -> np.ndarray:
         spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, transport)
-        try:
-            response = self._send(spec)
-        except UnsupportedMediaType as err:
-            if not self._fallback(spec, err, transport):
-                raise
-            spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, "json")
-            response = self._send(spec)
-        return self._decode(op, response, spec)
+
+        def call_(call: _Call) -> np.ndarray:
+            nonlocal spec
+            try:
+                answer = self._send(spec, call)
+            except UnsupportedMediaType as err:
+                if not self._fallback(spec, err, transport):
+                    raise
+                spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, "json")
+                answer = self._send(spec, call)
+            return self._decode(op, answer, spec)
+
+        return self._run(spec.path, call_)
 
     # -- compute -------------------------------------------------------------------------------
 
@@ -275,8 +516,8 @@ class SurrogateClient(_Base):
         "dtype": ..., "surrogate": ..., "cotangent": ...}``; the results come back in order.
         """
         spec, dtypes = _wire.build_batch(op, list(jobs))
-        response = self._send(spec)
-        return _wire.decode_batch(op, response.content, dtypes)
+        return self._run(spec.path, lambda call: _wire.decode_batch(op, self._send(spec, call).content, dtypes,
+                                                                    spec.shapes))
 
     # -- metadata and health ---------------------------------------------------------------------
 
@@ -299,7 +540,8 @@ class SurrogateClient(_Base):
     def ready(self) -> bool:
         """``GET /readyz``: True once the server has warmed up, False while it answers 503."""
         try:
-            self._send(_wire.RequestSpec("GET", "/readyz"), retry_statuses=frozenset())
+            self._run("/readyz", lambda call: self._send(_wire.RequestSpec("GET", "/readyz"), call,
+                                                         retry_statuses=frozenset()))
         except ServiceUnavailable:
             return False
         return True
@@ -334,6 +576,8 @@ class AsyncSurrogateClient(_Base):
         *,
         transport: _wire.Transport = "auto",
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        deadline: float | None = _DEFAULT,
+        answer_margin: int = DEFAULT_ANSWER_MARGIN,
         retries: int = 3,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
@@ -342,10 +586,10 @@ class AsyncSurrogateClient(_Base):
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(
-            base_url, transport=transport, timeout=timeout, retries=retries, backoff=backoff,
-            max_backoff=max_backoff, token=token, headers=headers,
+            base_url, transport=transport, timeout=timeout, deadline=deadline, answer_margin=answer_margin,
+            retries=retries, backoff=backoff, max_backoff=max_backoff, token=token, headers=headers,
         )
-        self._http = httpx.AsyncClient(
+        self._http: httpx.AsyncClient = httpx.AsyncClient(
             base_url=self.base_url, headers=self._headers, timeout=self._timeout, transport=http_transport
         )
         self._sleep: Callable[[float], Any] = anyio.sleep
@@ -361,40 +605,76 @@ class AsyncSurrogateClient(_Base):
                         tb: TracebackType | None) -> None:
         await self.aclose()
 
-    async def _send(self, spec: _wire.RequestSpec, *,
-                    retry_statuses: frozenset[int] = RETRY_STATUSES) -> httpx.Response:
+    async def _run(self, path: str, fn: Callable[[_Call], Awaitable[T]]) -> T:
+        """``await fn(call)`` within the deadline (cancelled at it)."""
+        call = self._call(path)
+        if call.seconds is None:
+            return await fn(call)
+        with anyio.move_on_after(call.seconds):
+            return await fn(call)
+        call.cancelled = True
+        raise call.expired()
+
+    async def _attempt(self, spec: _wire.RequestSpec, call: _Call) -> _Answer:
+        """Send once and read the whole answer, within the answer cap."""
+        response = await self._http.send(self._request(spec, call), stream=True)
+        try:
+            reader = self._reader(spec, response)
+            if response.is_stream_consumed:
+                reader.feed(response.content)
+            else:
+                async for chunk in response.aiter_raw():
+                    reader.feed(chunk)
+                    if reader.full:
+                        break
+        finally:
+            await response.aclose()
+        return self._answer(response, reader)
+
+    async def _send(self, spec: _wire.RequestSpec, call: _Call, *,
+                    retry_statuses: frozenset[int] = RETRY_STATUSES) -> _Answer:
         attempt = 0
         while True:
             try:
-                response = await self._http.request(
-                    spec.method, spec.path, params=spec.params or None, headers=spec.headers, content=spec.content
-                )
+                answer = await self._attempt(spec, call)
             except RETRY_EXCEPTIONS as exc:
-                if attempt >= self.retries:
+                pause = self._delay(attempt, None)
+                if attempt >= self.retries or not call.fits(pause):
                     raise _wrap_transport_error(exc, self.base_url + spec.path) from exc  # type: ignore[arg-type]
-                await self._sleep(self._delay(attempt, None))
+                await self._sleep(pause)
             except httpx.TransportError as exc:
                 raise _wrap_transport_error(exc, self.base_url + spec.path) from exc
             else:
-                if response.status_code not in retry_statuses or attempt >= self.retries:
-                    return self._check(response)
-                await self._sleep(self._delay(attempt, response))
+                if answer.status not in retry_statuses or attempt >= self.retries:
+                    return self._check(answer)
+                pause = self._delay(attempt, answer)
+                if not call.fits(pause):
+                    return self._check(answer)
+                await self._sleep(pause)
             attempt += 1
 
     async def _get(self, path: str) -> Any:
-        return self._json(await self._send(_wire.RequestSpec("GET", path)))
+        async def call_(call: _Call) -> Any:
+            return self._json(await self._send(_wire.RequestSpec("GET", path), call), path)
+
+        return await self._run(path, call_)
 
     async def _compute(self, op: str, x: Any, params: Mapping[str, Any], cotangent: Any, surrogate: str | None,
                        dtype: Any, transport: str | None) -> np.ndarray:
         spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, transport)
-        try:
-            response = await self._send(spec)
-        except UnsupportedMediaType as err:
-            if not self._fallback(spec, err, transport):
-                raise
-            spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, "json")
-            response = await self._send(spec)
-        return self._decode(op, response, spec)
+
+        async def call_(call: _Call) -> np.ndarray:
+            nonlocal spec
+            try:
+                answer = await self._send(spec, call)
+            except UnsupportedMediaType as err:
+                if not self._fallback(spec, err, transport):
+                    raise
+                spec = self._compute_spec(op, x, params, cotangent, surrogate, dtype, "json")
+                answer = await self._send(spec, call)
+            return self._decode(op, answer, spec)
+
+        return await self._run(spec.path, call_)
 
     async def spike(self, x: Any, *, surrogate: str | None = None, dtype: Any = None,
                     transport: _wire.Transport | None = None, **params: Any) -> np.ndarray:
@@ -414,8 +694,11 @@ class AsyncSurrogateClient(_Base):
     async def batch(self, op: str, jobs: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
         """See :meth:`SurrogateClient.batch`."""
         spec, dtypes = _wire.build_batch(op, list(jobs))
-        response = await self._send(spec)
-        return _wire.decode_batch(op, response.content, dtypes)
+
+        async def call_(call: _Call) -> list[np.ndarray]:
+            return _wire.decode_batch(op, (await self._send(spec, call)).content, dtypes, spec.shapes)
+
+        return await self._run(spec.path, call_)
 
     async def surrogates(self) -> dict[str, Any]:
         """See :meth:`SurrogateClient.surrogates`."""
@@ -435,8 +718,11 @@ class AsyncSurrogateClient(_Base):
 
     async def ready(self) -> bool:
         """See :meth:`SurrogateClient.ready`."""
+        async def call_(call: _Call) -> _Answer:
+            return await self._send(_wire.RequestSpec("GET", "/readyz"), call, retry_statuses=frozenset())
+
         try:
-            await self._send(_wire.RequestSpec("GET", "/readyz"), retry_statuses=frozenset())
+            await self._run("/readyz", call_)
         except ServiceUnavailable:
             return False
         return True

@@ -14,8 +14,9 @@ Every exception derives from :class:`SurrogateError`::
      │    └── ServerError      5xx: the server failed
      │         └── ServiceUnavailable      503  still after the retries
      ├── TransportError        no HTTP answer: connection refused or reset, DNS, TLS...
-     │    └── Timeout          connect, read, write or pool timeout
-     └── DecodingError         an answer the client cannot read (not the documented format)
+     │    └── Timeout          connect, read, write or pool timeout, or the call's deadline
+     └── DecodingError         an answer the client cannot read (not the documented format, or
+                               larger than a correct answer to the request can be)
 
 :class:`ApiError` carries the server's error body: ``status``, ``code``, ``message``, ``job``
 and ``field`` (see the service's README), and the ``response``. Problems found on the client side
@@ -135,11 +136,14 @@ class TransportError(SurrogateError):
 
 
 class Timeout(TransportError):
-    """A connect, read, write or pool timeout (see the client's ``timeout``)."""
+    """A connect, read, write or pool timeout (the client's ``timeout``), or a call that did not
+    finish within the client's ``deadline``."""
 
 
 class DecodingError(SurrogateError):
-    """The server's answer is not in the documented format (not JSON / .npy, or the wrong shape)."""
+    """The server's answer is not in the documented format (not JSON / .npy, a dtype the service
+    does not compute in, the wrong shape), or is larger than a correct answer to the request can be
+    (the client's answer cap). It is not retried."""
 
 
 _BY_STATUS: dict[int, type[ApiError]] = {

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import numbers
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,9 +36,16 @@ try:  # optional: the bfloat16 NumPy type (it comes with JAX)
 except ImportError:  # pragma: no cover - depends on the environment
     BFLOAT16 = None
 
+try:  # optional: brotli-compressed answers (httpx asks for them when brotli is installed)
+    import brotli as _brotli  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - depends on the environment
+    _brotli = None
+
 __all__ = [
+    "ACCEPT_ENCODING",
     "AUTO_BINARY_MIN_ELEMENTS",
     "BFLOAT16",
+    "BodyReader",
     "DTYPE_NAMES",
     "JSON",
     "NPY",
@@ -45,6 +53,7 @@ __all__ = [
     "OPS",
     "RequestSpec",
     "Transport",
+    "answer_bytes",
     "as_array",
     "build_batch",
     "build_compute",
@@ -85,6 +94,8 @@ class RequestSpec:
     binary: bool = False
     dtype: str = ""  # the computation dtype a compute request asks for
     shape: tuple[int, ...] | None = None  # the result's shape, where the client can tell
+    answer_bytes: int | None = None  # the most bytes a correct answer can have (None: not a compute request)
+    shapes: list[tuple[int, ...] | None] = field(default_factory=list)  # a list of jobs: each result's shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +219,31 @@ def _result_size(arrays: list[np.ndarray]) -> int:
     return math.prod(shape) if shape is not None else max(a.size for a in arrays)
 
 
+#: The bytes one element of a result takes in a .npy answer, by computation dtype (bfloat16
+#: travels as float32). A dtype the client does not know counts as the widest.
+_WIRE_ITEMSIZE = {"float16": 2, "float32": 4, "bfloat16": 4, "float64": 8}
+
+#: The longest JSON text of one element as the service writes it (orjson's shortest round trip):
+#: float64's is 24 characters (``-2.2250738585072014e-308``), float32's 16 (``-0.0000018028688``);
+#: float16 and bfloat16 are written through float32 (``-0.0000010728836``, ``-0.0000010058284``).
+_JSON_ELEMENT = {2: 16, 4: 16, 8: 24}
+
+
+def answer_bytes(shape: tuple[int, ...], dtype_name: str, *, binary: bool) -> int:
+    """The most bytes a correct answer holding one result of ``shape`` can have.
+
+    ``.npy``: the header and the data. JSON: every list at every nesting level (an empty
+    ``(1000, 0)`` result is a thousand ``[]``), the longest text of every element, and the
+    envelope (surrogate, dtype, shape).
+    """
+    n = math.prod(shape)
+    itemsize = _WIRE_ITEMSIZE.get(dtype_name, 8)
+    if binary:
+        return 128 + 22 * len(shape) + n * itemsize
+    lists = sum(math.prod(shape[:i]) for i in range(len(shape)))
+    return 256 + 22 * len(shape) + 3 * lists + (_JSON_ELEMENT[itemsize] + 1) * n
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, _wire_array(arr), allow_pickle=False)
@@ -273,9 +309,10 @@ def build_compute(
             if not _json_safe(arr):
                 raise ValueError(f"{name}: {_JSON_UNSAFE}; use transport='npy' (or 'auto')")
         body = json.dumps(job, separators=(",", ":")).encode()
+        shape = _result_shape(arrays)
         return RequestSpec(
             "POST", path, headers={"Content-Type": JSON, "Accept": JSON}, content=body, dtype=dtype_name,
-            shape=_result_shape(arrays),
+            shape=shape, answer_bytes=answer_bytes(shape, dtype_name, binary=False) if shape is not None else 0,
         )
 
     query: dict[str, str] = {"dtype": dtype_name}
@@ -294,9 +331,11 @@ def build_compute(
         content, ctype = _npy_bytes(xa), NPY
     else:
         content, ctype = _npz_bytes(archive), NPZ
+    shape = _result_shape(arrays)
     return RequestSpec(
         "POST", path, params=query, headers={"Content-Type": ctype, "Accept": NPY}, content=content,
-        binary=True, dtype=dtype_name, shape=_result_shape(arrays),
+        binary=True, dtype=dtype_name, shape=shape,
+        answer_bytes=answer_bytes(shape, dtype_name, binary=True) if shape is not None else 0,
     )
 
 
@@ -307,6 +346,7 @@ def build_batch(op: str, jobs: list[Mapping[str, Any]]) -> tuple[RequestSpec, li
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     docs: list[dict[str, Any]] = []
     dtypes: list[str] = []
+    shapes: list[tuple[int, ...] | None] = []
     for i, job in enumerate(jobs):
         if not isinstance(job, Mapping):
             raise TypeError(f"job {i}: expected a mapping with 'x', got {type(job).__name__}")
@@ -314,6 +354,7 @@ def build_batch(op: str, jobs: list[Mapping[str, Any]]) -> tuple[RequestSpec, li
             raise TypeError(f"job {i}: missing 'x'")
         dtype_name = resolve_dtype(job.get("dtype"), job["x"])
         doc: dict[str, Any] = {}
+        arrays: list[np.ndarray] = []
         for key, value in job.items():
             if key == "dtype" or value is None:
                 continue
@@ -324,24 +365,193 @@ def build_batch(op: str, jobs: list[Mapping[str, Any]]) -> tuple[RequestSpec, li
             if not _json_safe(arr):
                 raise ValueError(f"job {i}: {key}: {_JSON_UNSAFE} (a list of jobs is JSON only)")
             doc[key] = _json_value(arr)
+            arrays.append(arr)
         doc["dtype"] = dtype_name
         docs.append(doc)
         dtypes.append(dtype_name)
+        shapes.append(_result_shape(arrays))
     body = json.dumps(docs, separators=(",", ":")).encode()
-    return RequestSpec("POST", f"/v1/{op}", headers={"Content-Type": JSON, "Accept": JSON}, content=body), dtypes
+    size = sum(answer_bytes(s, dt, binary=False) for s, dt in zip(shapes, dtypes, strict=True) if s is not None)
+    spec = RequestSpec("POST", f"/v1/{op}", headers={"Content-Type": JSON, "Accept": JSON}, content=body,
+                       answer_bytes=size + len(shapes), shapes=shapes)
+    return spec, dtypes
 
 
 # ---------------------------------------------------------------------------------------------
 # outputs
 
 
+#: How much is inflated or copied at a time while an answer is read.
+_PIECE = 1 << 20
+
+
+def _brotli_bounded() -> bool:
+    """Whether the installed brotli can inflate a bounded piece at a time (``output_buffer_limit``,
+    brotli >= 1.2); without it brotli answers are not asked for, so none can overflow the cap."""
+    if _brotli is None:
+        return False
+    try:
+        _brotli.Decompressor().process(b"", output_buffer_limit=1)
+    except TypeError:
+        return False
+    return True
+
+
+_BROTLI = _brotli_bounded()
+
+#: The ``Accept-Encoding`` the client sends: the encodings it can inflate within the answer cap
+#: (httpx's own choice where brotli >= 1.2 is installed or brotli is absent).
+ACCEPT_ENCODING = "gzip, deflate, br" if _BROTLI else "gzip, deflate"
+
+
+class _Zlib:
+    """gzip, or deflate (zlib-wrapped, or raw as some servers send it), at most ``n`` bytes at a time."""
+
+    def __init__(self, gzip: bool) -> None:
+        self._d = zlib.decompressobj(zlib.MAX_WBITS | 16 if gzip else zlib.MAX_WBITS)
+        self._tail = b""
+        self._first: bytes | None = None if gzip else b""  # deflate: the input until it decodes
+
+    def push(self, data: bytes) -> None:
+        self._tail += data
+        if self._first is not None:
+            self._first += data
+
+    def pull(self, n: int) -> bytes:
+        try:
+            out = self._d.decompress(self._tail, n)
+        except zlib.error:
+            if self._first is None:
+                raise
+            self._d, self._tail, self._first = zlib.decompressobj(-zlib.MAX_WBITS), self._first, None
+            out = self._d.decompress(self._tail, n)
+        self._tail = self._d.unconsumed_tail
+        if out:
+            self._first = None
+        return out
+
+
+class _Brotli:
+    """brotli, at most about ``n`` bytes at a time."""
+
+    def __init__(self) -> None:
+        assert _brotli is not None
+        self._d = _brotli.Decompressor()
+        self._tail = b""
+
+    def push(self, data: bytes) -> None:
+        self._tail += data
+
+    def pull(self, n: int) -> bytes:
+        data = b""
+        if self._tail and self._d.can_accept_more_data():
+            data, self._tail = self._tail, b""
+        return bytes(self._d.process(data, output_buffer_limit=n))
+
+
+class BodyReader:
+    """An answer's body, inflated (``Content-Encoding``) as it arrives, refused past ``cap`` bytes.
+
+    Feed it the raw chunks as they come (:meth:`feed`); it keeps the decoded body, never holding
+    more than ``cap`` bytes of it however small the compressed input (an answer of a few kilobytes
+    can inflate to gigabytes), and refuses more than twice ``cap`` raw bytes (a compressed stream
+    can also decode to nothing, forever). Past the cap it raises :class:`DecodingError`, or with
+    ``truncate`` keeps the first ``cap`` bytes and sets :attr:`full` (the rest is not wanted: an
+    error body, whose excerpt is enough).
+    """
+
+    def __init__(self, content_encoding: str | None, cap: int, *, what: str, truncate: bool = False) -> None:
+        self.cap, self.what, self.truncate = cap, what, truncate
+        self.full = False
+        self._raw = 0
+        self._buf = bytearray()
+        self._stages: list[_Zlib | _Brotli] = []
+        codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
+        for coding in reversed(codings):  # the last one applied is undone first
+            if coding == "identity":
+                continue
+            if coding in ("gzip", "x-gzip", "deflate"):
+                self._stages.append(_Zlib(gzip=coding != "deflate"))
+            elif coding == "br" and _BROTLI:
+                self._stages.append(_Brotli())
+            else:
+                raise DecodingError(f"{what} has Content-Encoding {_shown(content_encoding)}, expected one of "
+                                    f"{ACCEPT_ENCODING}")
+
+    def feed(self, data: bytes) -> None:
+        """Take the next raw chunk."""
+        if self.full:
+            return
+        self._raw += len(data)
+        if self._raw > 2 * self.cap + _PIECE:
+            self._over()
+            return
+        try:
+            self._decode(0, data)
+        except DecodingError:
+            raise
+        except Exception as exc:  # zlib.error, brotli.error: corrupt compressed data
+            raise DecodingError(f"{self.what} cannot be decompressed: {_shown(str(exc))}") from None
+
+    def _decode(self, stage: int, data: bytes) -> None:
+        if stage == len(self._stages):
+            self._keep(data)
+            return
+        decoder = self._stages[stage]
+        decoder.push(data)
+        last = stage + 1 == len(self._stages)
+        while not self.full:
+            piece = decoder.pull(min(_PIECE, self.cap - len(self._buf) + 1) if last else _PIECE)
+            if not piece:
+                return
+            self._decode(stage + 1, piece)
+
+    def _keep(self, data: bytes) -> None:
+        room = self.cap - len(self._buf)
+        if len(data) > room:
+            self._buf += memoryview(data)[:room]
+            self._over()
+            return
+        self._buf += data
+
+    def _over(self) -> None:
+        if not self.truncate:
+            raise DecodingError(f"{self.what} is larger than {self.cap} bytes, more than a correct answer to the "
+                                "request can hold")
+        self.full = True
+
+    def body(self) -> bytearray:
+        """The decoded body (the first ``cap`` bytes of it when :attr:`full`)."""
+        return self._buf
+
+
+def _shown(value: Any) -> str:
+    """A value from an answer in a message: its repr, cut to 64 characters."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:64] + "…"
+
+
+def parse_json(content: bytes | bytearray, what: str) -> Any:
+    """An answer's JSON document; :class:`DecodingError` for invalid or too deeply nested JSON."""
+    try:
+        return json.loads(content)
+    except RecursionError:
+        raise DecodingError(f"{what} is JSON nested too deeply to read") from None
+    except ValueError as exc:
+        raise DecodingError(f"{what} is not valid JSON: {exc}") from None
+
+
 def _result_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         return BFLOAT16 if BFLOAT16 is not None else np.dtype(np.float32)
-    try:
-        return np.dtype(name)
-    except TypeError:
-        raise DecodingError(f"the server answered with an unknown dtype {name!r}") from None
+    return np.dtype(name)
+
+
+def _answered_dtype(name: Any) -> str:
+    """The dtype an answer names, checked: one of :data:`DTYPE_NAMES`."""
+    if not isinstance(name, str) or name not in DTYPE_NAMES:
+        raise DecodingError(f"the answer's dtype {_shown(name)} is not one of {', '.join(DTYPE_NAMES)}")
+    return name
 
 
 def _from_wire(arr: np.ndarray, dtype_name: str) -> np.ndarray:
@@ -356,71 +566,107 @@ def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def decode_npy(content: bytes) -> np.ndarray:
+#: The longest .npy header read: numpy's own is at most 64 KiB in format 1.0.
+_NPY_HEAD_MAX = (1 << 16) + 16
+
+
+def _check_shape(shape: tuple[int, ...], expected: tuple[int, ...] | None, what: str) -> None:
+    """A result's shape must be the request's broadcast shape; a 0-d result may arrive as (1,)."""
+    if expected is not None and shape != expected and not (expected == () and shape == (1,)):
+        raise DecodingError(f"{what} has shape {_shown(shape)}, the request's result has shape {expected}")
+
+
+def decode_npy(content: bytes | bytearray, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A .npy answer as an array: float16/32/64 only, of ``expected_shape`` where given, with exactly
+    its data; the header is read before any array is made, so a header that announces more than
+    the answer holds costs nothing. The array shares a ``bytearray``'s memory."""
+    view = memoryview(content)
+    head = io.BytesIO(bytes(view[:_NPY_HEAD_MAX]))
     try:
-        arr = np.load(io.BytesIO(content), allow_pickle=False)
-    except Exception as exc:  # ValueError, OSError, EOFError...: not a .npy file
-        raise DecodingError(f"the answer is not a valid .npy file: {exc}") from None
-    if not isinstance(arr, np.ndarray):
-        raise DecodingError("the answer is an .npz archive, expected one .npy array")
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+        else:
+            raise ValueError(f".npy format version {version} is not written for float arrays")
+    except Exception as exc:  # ValueError, EOFError, SyntaxError...: not a .npy file
+        raise DecodingError(f"the answer is not a valid .npy file: {_shown(str(exc))}") from None
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise DecodingError(f"the .npy answer has dtype {_shown(str(dtype))}, expected float16, float32 or float64")
+    _check_shape(shape, expected_shape, "the .npy answer")
+    n = math.prod(shape)
+    offset = head.tell()
+    if len(view) - offset != n * dtype.itemsize:
+        raise DecodingError(f"the .npy answer holds {len(view) - offset} data bytes, its header "
+                            f"({shape}, {dtype}) says {n * dtype.itemsize}")
+    arr = np.frombuffer(content, dtype=dtype, count=n, offset=offset)
+    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    if not dtype.isnative or not arr.flags.writeable:
+        arr = arr.astype(dtype.newbyteorder("="))
     return arr
 
 
-def _result_from_doc(doc: Any, op: str, expected_dtype: str | None) -> np.ndarray:
+def _answered_shape(raw: Any) -> tuple[int, ...]:
+    if not isinstance(raw, list) or len(raw) > 64 or not all(type(n) is int and n >= 0 for n in raw):
+        raise DecodingError(f"the answer's shape {_shown(raw)} is not a list of sizes")
+    return tuple(raw)
+
+
+def _result_from_doc(doc: Any, op: str, expected_dtype: str | None,
+                     expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
     if not isinstance(doc, dict) or op not in doc or "shape" not in doc:
-        raise DecodingError(f"the answer is not a {op} result object: {str(doc)[:200]}")
-    dtype_name = str(doc.get("dtype") or expected_dtype or "float32")
+        raise DecodingError(f"the answer is not a {op} result object: {_shown(doc)}")
+    named = doc.get("dtype")
+    dtype_name = _answered_dtype(expected_dtype or "float32" if named is None else named)
+    shape = _answered_shape(doc["shape"])
+    _check_shape(shape, expected_shape, f"the {op} result")
     try:
-        shape = tuple(int(n) for n in doc["shape"])
-        values = np.asarray(doc[op], dtype=np.float64)
-        arr = values.reshape(shape)
-    except (TypeError, ValueError) as exc:
-        raise DecodingError(f"the {op} result does not match its shape {doc.get('shape')}: {exc}") from None
+        values = np.asarray(doc[op])
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise DecodingError(f"the {op} result is not a rectangular array of numbers") from None
+    if values.dtype.kind not in "iuf":
+        raise DecodingError(f"the {op} result holds {values.dtype} values, expected numbers")
+    if values.shape != shape:
+        if values.size or math.prod(shape):  # JSON writes an empty (0, 3) as [], but data is never moved
+            raise DecodingError(f"the {op} result has shape {values.shape}, the answer says {shape}")
+        values = values.reshape(shape)
+    if expected_shape is not None:
+        values = values.reshape(expected_shape)
     wire = np.float64 if dtype_name == "float64" else np.float32
-    return _from_wire(arr.astype(wire), dtype_name)  # float64 -> float32 is exact for these values
+    return _from_wire(values.astype(wire), dtype_name)  # float64 -> float32 is exact for these values
 
 
-def decode_compute(op: str, content_type: str | None, headers: Mapping[str, str], content: bytes,
+def decode_compute(op: str, content_type: str | None, headers: Mapping[str, str], content: bytes | bytearray,
                    expected_dtype: str, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """The result array of a successful compute answer, whichever encoding the server chose.
 
-    With ``expected_shape`` (the broadcast shape of the request's arrays) the result is checked
-    against it, and given it where only the layout differs: a 0-d result can arrive as shape (1,)
-    in .npy, and JSON cannot tell an empty (0, 3) from an empty (0,).
+    Only the documented answers are accepted (:class:`DecodingError` otherwise): a result in one of
+    :data:`DTYPE_NAMES` (in .npy, stored in the float type that dtype travels in), of
+    ``expected_shape`` (the broadcast shape of the request's arrays) where given. Nothing is
+    reshaped but a 0-d result sent as shape (1,).
     """
-    arr = _decode_compute(op, content_type, headers, content, expected_dtype)
-    if expected_shape is not None and arr.shape != expected_shape:
-        if arr.size != math.prod(expected_shape):
-            raise DecodingError(f"the result has shape {arr.shape}, expected {expected_shape}")
-        arr = arr.reshape(expected_shape)
-    return arr
-
-
-def _decode_compute(op: str, content_type: str | None, headers: Mapping[str, str], content: bytes,
-                    expected_dtype: str) -> np.ndarray:
     mt = _media_type(content_type)
     if mt == NPY:
-        arr = decode_npy(content)
-        dtype_name = headers.get("x-surrogate-dtype") or (
-            expected_dtype if expected_dtype == "bfloat16" else arr.dtype.name
-        )
-        if arr.dtype.kind != "f":
-            raise DecodingError(f"the .npy answer has dtype {arr.dtype}, expected floats")
+        arr = decode_npy(content, expected_shape)
+        named = headers.get("x-surrogate-dtype")
+        if named is None:
+            named = expected_dtype if expected_dtype in DTYPE_NAMES else arr.dtype.name
+        dtype_name = _answered_dtype(named)
+        if arr.dtype.itemsize != _WIRE_ITEMSIZE[dtype_name]:
+            raise DecodingError(f"the .npy answer holds {arr.dtype} for a {dtype_name} result")
+        if expected_shape is not None:
+            arr = arr.reshape(expected_shape)
         return _from_wire(arr, dtype_name)
     if mt == JSON or mt.endswith("+json"):
-        try:
-            doc = json.loads(content)
-        except ValueError as exc:
-            raise DecodingError(f"the answer is not valid JSON: {exc}") from None
-        return _result_from_doc(doc, op, expected_dtype)
-    raise DecodingError(f"unexpected Content-Type {content_type!r} in the answer")
+        return _result_from_doc(parse_json(content, "the answer"), op, expected_dtype, expected_shape)
+    raise DecodingError(f"unexpected Content-Type {_shown(content_type)} in the answer")
 
 
-def decode_batch(op: str, content: bytes, dtypes: list[str]) -> list[np.ndarray]:
-    try:
-        docs = json.loads(content)
-    except ValueError as exc:
-        raise DecodingError(f"the answer is not valid JSON: {exc}") from None
+def decode_batch(op: str, content: bytes | bytearray, dtypes: list[str],
+                 shapes: list[tuple[int, ...] | None] | None = None) -> list[np.ndarray]:
+    docs = parse_json(content, "the answer")
     if not isinstance(docs, list) or len(docs) != len(dtypes):
-        raise DecodingError(f"expected a list of {len(dtypes)} results, got {str(docs)[:200]}")
-    return [_result_from_doc(d, op, dt) for d, dt in zip(docs, dtypes, strict=True)]
+        raise DecodingError(f"expected a list of {len(dtypes)} results, got {_shown(docs)}")
+    shapes = shapes or [None] * len(dtypes)
+    return [_result_from_doc(d, op, dt, sh) for d, dt, sh in zip(docs, dtypes, shapes, strict=True)]
