@@ -34,3 +34,22 @@ def test_result_pieces_put_the_array_last():
     a = np.arange(3, dtype=np.float64)
     doc = orjson.loads(b"".join(result_pieces({"surrogate": "s", "shape": [3]}, "grad", a)))
     assert doc == {"surrogate": "s", "shape": [3], "grad": [0.0, 1.0, 2.0]}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+def test_no_element_is_written_longer_than_the_answer_estimate_allows(dtype):
+    """The estimate's longest element (npy._MAX_JSON_ELEMENT) against the longest text the encoder
+    writes: negative values with every significant digit at every decimal exponent, and the extremes."""
+    from service.protocols.tensors.npy import _MAX_JSON_ELEMENT
+
+    info = np.finfo(dtype)
+    digits = {"float64": 17, "float32": 9, "float16": 5}[dtype]
+    mantissa = -float("1." + "23456789012345678"[: digits - 1])
+    top = int(np.log10(info.max))
+    values = [mantissa * 10.0**e for e in range(int(np.log10(info.smallest_subnormal)), top)]
+    values += [info.min, -info.tiny, -info.smallest_subnormal, -1 / 3, -2 / 3]
+    a = np.array(values, dtype=np.float64).astype(dtype)
+    as_written = a.astype(np.float32) if dtype == "float16" else a  # float16 is written through float32
+    longest = max(len(orjson.dumps(np.array([v]), option=orjson.OPT_SERIALIZE_NUMPY)) - 2 for v in as_written)
+    assert longest <= _MAX_JSON_ELEMENT[a.dtype.itemsize]
+    assert longest >= _MAX_JSON_ELEMENT[a.dtype.itemsize] - 1  # the sweep reaches the longest texts

@@ -224,9 +224,9 @@ def _fits_v1(header: dict[str, Any]) -> bool:
 
 
 #: The longest JSON text of one element, by the itemsize of its dtype: float64's shortest round-trip
-#: repr is at most 24 characters (``-2.2250738585072014e-308``), float32's 15 (``-1.17549435e-38``);
-#: float16 and bfloat16 are written through float32.
-_MAX_JSON_ELEMENT = {8: 24, 4: 15, 2: 15}
+#: repr is at most 24 characters (``-2.2250738585072014e-308``, ``-0.000012345678901234568``),
+#: float32's 16 (``-0.0000018028688``); float16 and bfloat16 are written through float32.
+_MAX_JSON_ELEMENT = {8: 24, 4: 16, 2: 16}
 
 
 def jobs_answer_bytes(jobs: Sequence[core.Job], *, json: bool) -> int:
