@@ -38,13 +38,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import lifecycle
 
-__all__ = ["PROTOCOL", "REQUESTS_KEY", "LimitedHttpToolsProtocol", "configure"]
+__all__ = ["ABORT_KEY", "PROTOCOL", "REQUESTS_KEY", "LimitedHttpToolsProtocol", "configure"]
 
 #: The import string for ``uvicorn.Config(http=...)``.
 PROTOCOL = "service.server.httpproto:LimitedHttpToolsProtocol"
 
 #: The scope key under which a request finds the set of the server's requests in progress.
 REQUESTS_KEY = "surrogate.requests"
+#: The scope key under which a request finds a callable that closes its connection at once, dropping
+#: what is still queued to send (for a client that stopped reading).
+ABORT_KEY = "surrogate.abort"
 
 #: Seconds a refused connection keeps reading (and dropping) what the client still sends.
 LINGER_SECONDS = 2.0
@@ -140,6 +143,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # their tasks): the data plane gathers concurrent requests into one device call only when
         # others are on their way, and a request alone computes at once
         cast(dict, self.scope)[REQUESTS_KEY] = self.server_state.tasks
+        cast(dict, self.scope)[ABORT_KEY] = self.transport.abort
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
