@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 import pytest
-
 from liveserver import npy, proc_status_bytes, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

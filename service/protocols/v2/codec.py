@@ -459,12 +459,13 @@ def _fast_request(head: bytes, max_rank: int) -> dict[str, Any] | None:
 
 
 def _fields(obj: Any, what: str) -> dict[str, Any]:
-    """A simdjson object's fields (one pass, no lookups), refusing a repeated key."""
+    """A simdjson object's fields (its values as simdjson's own, not converted), refusing a repeated
+    key. (A body holds at most ``MAX_KEYS`` keys, which bounds the lookups.)"""
     out: dict[str, Any] = {}
-    for k, v in obj.items():
+    for k in obj.keys():  # noqa: SIM118 (a simdjson Object)
         if k in out:
             raise _bad(f"duplicate key {shown(k)} in {what}", k)
-        out[k] = v
+        out[k] = obj[k]
     return out
 
 
