@@ -143,7 +143,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # their tasks): the data plane gathers concurrent requests into one device call only when
         # others are on their way, and a request alone computes at once
         cast(dict, self.scope)[REQUESTS_KEY] = self.server_state.tasks
-        cast(dict, self.scope)[ABORT_KEY] = self.transport.abort
+        cast(dict, self.scope)[ABORT_KEY] = lambda: self.transport.abort()
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
