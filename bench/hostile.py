@@ -199,7 +199,7 @@ def escapes(port: int, pid: int, scale: float, repeat: int) -> None:
             for s in socks:
                 s.close()
 
-    escape(port, pid, "3. 16 heads of 64 MiB bodies, then a request", heads)
+    escape(port, pid, f"3. 16 heads of {64 * scale:g} MiB bodies, then a request", heads)
 
     def unread_dtypes():
         big = b'{"x":[1.0],"dtype":"' + b"a" * int(60 * MiB * scale) + b'"}'
@@ -212,12 +212,12 @@ def escapes(port: int, pid: int, scale: float, repeat: int) -> None:
             for s in socks:
                 s.close()
 
-    escape(port, pid, "4. 8 x 60 MiB dtype values, unread (then a request)", unread_dtypes)
+    escape(port, pid, f"4. 8 x {60 * scale:g} MiB dtype values, unread (then a request)", unread_dtypes)
 
     rid = (b'{"id":"' + b"i" * int(56 * MiB * scale)
            + b'","inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[0.5]}]}')
     with ThreadPoolExecutor(8) as pool:
-        escape(port, pid, "5. 8 x 56 MiB ids, gzip", lambda: list(pool.map(lambda _: request(
+        escape(port, pid, f"5. 8 x {56 * scale:g} MiB ids, gzip", lambda: list(pool.map(lambda _: request(
             port, "/v2/models/sigmoid/infer", rid, {**json_, "accept-encoding": "gzip"}), range(8))))
 
 
