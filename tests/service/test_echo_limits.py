@@ -178,6 +178,12 @@ async def test_nested_data_takes_the_fast_path_and_is_exact(app):
     ragged = orjson.dumps({"inputs": [{**t, "data": x.tolist()[:-1] + [[0.5]]}]})
     r = await app.client.post(V2, content=ragged, headers=JSON)
     assert r.status_code == 400 and "ragged" in r.json()["error"]
+    for data in (x.tolist()[:-1] + [x[-1].tolist()[:-1] + [[0.5]]],  # a list where a number belongs
+                 x.ravel().tolist()[:5] + [[0.5]] + x.ravel().tolist()[6:]):  # (flat data too)
+        shape = [300, 40] if len(data) == 300 else [12000]
+        hidden = orjson.dumps({"inputs": [{**t, "shape": shape, "data": data}]})
+        r = await app.client.post(V2, content=hidden, headers=JSON)
+        assert r.status_code == 400 and "ragged" in r.json()["error"], r.text[:200]
 
 
 # -- a refusal the client does not read ---------------------------------------------------------
