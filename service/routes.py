@@ -35,7 +35,7 @@ import surrogate_core as core
 
 from . import __version__
 from .compute import Answer, ComputeEndpoint
-from .errors import ApiError
+from .errors import ApiError, shown
 from .protocols.v1 import codec as v1
 from .protocols.v2 import codec as v2
 from .schemas import (
@@ -218,8 +218,10 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
     def surrogate(name: str) -> dict[str, Any]:
         try:
             return core.get(name).describe()
-        except KeyError as exc:
-            raise ApiError(404, exc.args[0], code="unknown_surrogate", field="name") from None
+        except KeyError:
+            pass
+        raise ApiError(404, f"unknown surrogate {shown(name)}; known: {', '.join(core.names())}",
+                       code="unknown_surrogate", field="name")
 
     def info() -> dict[str, Any]:
         dev = core.device_info()
@@ -330,7 +332,7 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
 
     def swagger_asset(file: str) -> Response:
         if file not in _ASSETS:
-            raise ApiError(404, f"no asset {file!r}")
+            raise ApiError(404, f"no asset {shown(file)}")
         ctype = mimetypes.guess_type(file)[0] or "application/octet-stream"
         return Response((_assets() / file).read_bytes(), media_type=ctype,
                         headers={"Cache-Control": "public, max-age=86400"})

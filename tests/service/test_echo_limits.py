@@ -95,6 +95,14 @@ async def test_v2_model_and_version_in_the_path_are_cut(app):
     assert r.status_code == 404 and len(r.content) < 1024 and shown(name) in r.json()["error"]
 
 
+async def test_an_unknown_surrogate_or_asset_is_named_cut(app):
+    name = "s" * 4000
+    r = await app.client.get(f"/v1/surrogates/{name}")
+    assert r.status_code == 404 and len(r.content) < 1024 and shown(name) in r.json()["error"]["message"]
+    r = await app.client.get(f"/docs/assets/{name}")
+    assert r.status_code == 404 and len(r.content) < 1024 and shown(name) in r.json()["error"]["message"]
+
+
 async def test_an_unknown_route_is_named_cut(app):
     path = "/v1/" + "p" * 4000
     r = await app.client.get(path)
@@ -223,7 +231,7 @@ REFUSED = {
     "v2 null": (V2, b'{"inputs":[{"name":"x","shape":[%d],"datatype":"FP64","data":' % (MiB + 1)
                 + numbers_then_null(MiB) + b"}]}", "application/json", 400),
     "v1 dtype": ("/v1/grad", b'{"x":[1.0],"dtype":"' + b"a" * (4 * MiB) + b'"}', "application/json", 422),
-    "v1 ragged npz-free json": ("/v1/grad", b'{"x":[' + b"[0.5,0.5]," * (MiB // 2) + b'[0.5]]}', "application/json",
+    "v1 ragged": ("/v1/grad", b'{"x":[' + b"[0.5,0.5]," * (MiB // 2) + b'[0.5]]}', "application/json",
                                 422),
 }
 

@@ -436,6 +436,7 @@ def _fast_request(head: bytes, max_rank: int) -> dict[str, Any] | None:
             return None
         req = _fields(doc, "the inference request")
         inputs = req.get("inputs")
+        data_arrays = 0
         if isinstance(inputs, simdjson.Array):
             tensors = []
             for t in inputs:
@@ -448,14 +449,30 @@ def _fast_request(head: bytes, max_rank: int) -> dict[str, Any] | None:
                         nested = fastjson.array(v, max_rank, MAX_JSON_ARRAYS)
                         if nested is None:
                             return None
-                        tensor["data"] = nested[0]
+                        tensor["data"], arrays = nested
+                        data_arrays += arrays
                     else:
                         tensor["data"] = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)
+                        data_arrays += 1
                 tensors.append({k: _plain(e) for k, e in tensor.items()})
             req["inputs"] = tensors
-        return {k: _plain(e) for k, e in req.items()}
+        req = {k: _plain(e) for k, e in req.items()}
     except (ValueError, TypeError, RuntimeError, KeyError, IndexError):
         return None
+    # Every '[' of the body must be one of the arrays read: an array hidden among the numbers of a
+    # tensor's data (which reading it as a buffer would flatten) or one in a string fails this.
+    if head.count(b"[") != data_arrays + _lists(req):
+        return None
+    return req
+
+
+def _lists(v: Any) -> int:
+    """The lists in a decoded JSON value (tensor data already read as arrays not counted)."""
+    if type(v) is list:
+        return 1 + sum(_lists(e) for e in v if type(e) in (list, dict))
+    if type(v) is dict:
+        return sum(_lists(e) for e in v.values() if type(e) in (list, dict))
+    return 0
 
 
 def _fields(obj: Any, what: str) -> dict[str, Any]:
