@@ -29,7 +29,7 @@ import surrogate_core as core
 from . import __version__
 from .dataplane import DataPlane
 from .dataplane.memory import detect_budget, own_rss
-from .errors import ApiError
+from .errors import ApiError, shown_field
 from .routes import RENDER, add_routes, as_response, protocol_of, validation_error
 from .server.security import token_digests
 from .server.settings import Settings
@@ -158,11 +158,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path = _route_path(request)
         protocol = protocol_of(path)
         if exc.status_code == 404:
-            err = ApiError(404, f"no route {path}; see /docs or /openapi.json")
+            err = ApiError(404, f"no route {shown_field(path)}; see /docs or /openapi.json")
         elif exc.status_code == 405:
             allow = (exc.headers or {}).get("Allow", "")
-            err = ApiError(405, f"method {request.method} not allowed on {path}; allowed: {allow}",
-                           headers={"Allow": allow})
+            err = ApiError(405, f"method {shown_field(request.method)} not allowed on {shown_field(path)}; "
+                           f"allowed: {allow}", headers={"Allow": allow})
         else:
             err = ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
         rt.metrics.observe_request("other", protocol, err.status, 0.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -26,10 +27,11 @@ import anyio.to_thread
 from starlette.types import Receive, Scope, Send
 
 from .errors import ApiError
-from .server.httpproto import REFUSED_KEY, REQUESTS_KEY
+from .server.httpproto import ABORT_KEY, REFUSED_KEY, REQUESTS_KEY
 from .server.security import check_token
 
-__all__ = ["CHUNK", "Answer", "ClientGone", "Codec", "ComputeEndpoint", "Head", "SendTimeout", "read_body"]
+__all__ = ["CHUNK", "Answer", "ClientGone", "Codec", "ComputeEndpoint", "Head", "SendTimeout", "read_body",
+           "release"]
 
 log = logging.getLogger("service.errors")
 
@@ -41,6 +43,30 @@ class ClientGone(Exception):
 
 class SendTimeout(Exception):
     """The client stopped reading the answer for longer than the send timeout (cut off; counted)."""
+
+
+def release(exc: BaseException) -> None:
+    """Let go of everything an exception keeps alive besides its message: the locals of the frames
+    it passed through (a request body, the lists decoded from it, an answer being sent), for it and
+    every exception it was raised from or during.
+
+    A traceback holds its frames, and a frame that caught an exception (``except ... as exc``) or
+    awaited a future holds that exception or future in turn: a reference cycle that only the cyclic
+    garbage collector breaks, while the body it pins sits outside the memory budget. Clearing the
+    frames breaks every such cycle at once, so the memory goes back as soon as the request ends.
+    """
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)  # (a frame still running is skipped)
+            e.__traceback__ = None
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        e.__cause__ = e.__context__ = None
 
 
 #: Answers are handed to the server in pieces of at most this size: the server waits for a slow
@@ -287,6 +313,8 @@ class ComputeEndpoint:
         dp = rt.dataplane
         status = 500
         state = 0  # 0: nothing read yet, 1: the body read whole, 2: the answer started
+        body: Any = None
+        answer: Answer | None = None
         try:
             head = Head(scope)
             if rt.token_digests:
@@ -300,30 +328,58 @@ class ComputeEndpoint:
                 requests = scope.get(REQUESTS_KEY)  # the server's requests in progress, where it says
                 answer = await dp.serve(codec, request, body, ticket,
                                         alone=None if requests is None else len(requests) <= 1)
-                del body
+                body = None
                 status = answer.status
                 state = 2
                 await answer.send(send, rt.settings.send_timeout if answer.length > CHUNK else None)
         except ApiError as err:
+            body = answer = None  # nothing of the request is kept while its refusal is sent
+            release(err)
             if err.code == "timeout" and state == 0:  # still uploading: a slow client, not a slow server
                 err = ApiError(408, f"the request body did not arrive within {rt.settings.request_timeout} s",
                                code="request_timeout", headers={"Connection": "close"}, reason="request_timeout")
             if err.reason:
                 dp.metrics.reject(err.reason)
             if state < 2:
-                answer = codec.render_error(err)
-                status = answer.status
-                await answer.send(send)
-        except ClientGone:  # gone mid-upload: nothing to answer; counted as 499 (as nginx does)
+                status = await self._refuse(scope, send, codec.render_error(err))
+        except ClientGone as exc:  # gone mid-upload: nothing to answer; counted as 499 (as nginx does)
+            release(exc)
             dp.metrics.reject("client_disconnect")
             status = 499
-        except SendTimeout:  # stopped reading the answer: cut off, its memory freed; counted as 499
+        except SendTimeout as exc:  # stopped reading the answer: cut off, its memory freed; counted as 499
+            body = answer = None
+            release(exc)
             dp.metrics.reject("send_timeout")
             status = 499
-        except Exception:
+            await _abort(scope)
+        except Exception as exc:
+            body = answer = None
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            release(exc)
             if state < 2:
-                await codec.render_error(ApiError(500, "internal error; the server log has the details")).send(send)
+                internal = ApiError(500, "internal error; the server log has the details")
+                await self._refuse(scope, send, codec.render_error(internal))
             status = 500
         finally:
             dp.metrics.observe_request(self.label, codec.protocol, status, time.perf_counter() - t0)
+
+    async def _refuse(self, scope: Scope, send: Send, answer: Answer) -> int:
+        """Send an error answer (a few hundred bytes) within the send timeout: its status, or 499
+        when the client does not read it (counted as ``send_timeout``, the connection closed)."""
+        try:
+            async with asyncio.timeout(self.rt.settings.send_timeout):
+                await answer.send(send)
+        except TimeoutError:
+            self.rt.dataplane.metrics.reject("send_timeout")
+            await _abort(scope)
+            return 499
+        return answer.status
+
+
+async def _abort(scope: Scope) -> None:
+    """Close the connection of a client that stopped reading, dropping what is still queued for it
+    (a graceful close would keep that until the client reads it, or for ever)."""
+    abort = scope.get(ABORT_KEY)
+    if abort is not None:
+        abort()
+        await asyncio.sleep(0)  # the server learns of the closed connection before the request ends

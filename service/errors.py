@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ApiError", "error_json", "shown", "ECHO_LIMIT"]
+__all__ = ["ApiError", "error_json", "shown", "shown_field", "ECHO_LIMIT"]
 
 
 _DEFAULT_CODES = {
@@ -56,6 +56,12 @@ def shown(value: object, limit: int = ECHO_LIMIT) -> str:
         return repr(value)[: limit + 2] + "…"
     text = repr(value)
     return text if len(text) <= limit + 2 else text[: limit + 2] + "…"
+
+
+def shown_field(name: str) -> str:
+    """A client's key as the ``field`` of an error: the key itself, cut to ``ECHO_LIMIT`` characters
+    with an ellipsis."""
+    return name if len(name) <= ECHO_LIMIT else name[:ECHO_LIMIT] + "…"
 
 
 class ApiError(Exception):

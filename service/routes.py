@@ -331,7 +331,7 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
 
     def swagger_asset(file: str) -> Response:
         if file not in _ASSETS:
-            raise ApiError(404, f"no asset {file!r}")
+            raise ApiError(404, f"no asset {shown(file)}")
         ctype = mimetypes.guess_type(file)[0] or "application/octet-stream"
         return Response((_assets() / file).read_bytes(), media_type=ctype,
                         headers={"Cache-Control": "public, max-age=86400"})

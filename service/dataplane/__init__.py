@@ -94,12 +94,14 @@ class DataPlane:
             decoded = codec.decode(request, body)
         jobs = decoded.jobs
         n = self.check(jobs, where=lambda i: codec.where(decoded, i), job_index=codec.job_index)
+        answer = 0  # (small requests: small answers)
         if n <= SMALL_ELEMENTS:  # a cheap bound for small requests: padded buffers and answers are small
             ticket.require(parsed + SMALL_JOB_BYTES * len(jobs) + 96 * n + codec.extra_bytes(decoded), "this request")
         else:
-            ticket.require(parsed + working_set(jobs) + codec.answer_bytes(decoded), "this request")
+            answer = codec.answer_bytes(decoded)
+            ticket.require(parsed + working_set(jobs) + answer, "this request")
         results = await self.infer(jobs, codec.endpoint, alone=alone)
-        if n > self.offload_elements:
+        if n > self.offload_elements or answer > OFFLOAD_BYTES:  # large work, or a large answer to write
             return await anyio.to_thread.run_sync(codec.encode, decoded, results)
         return codec.encode(decoded, results)
 
@@ -111,23 +113,31 @@ class DataPlane:
     async def infer(self, jobs: Sequence[core.Job], endpoint: str, *, alone: bool | None = None) -> list[np.ndarray]:
         """The results of ``jobs``, in order (through the batcher, which computes a request alone at
         once and gathers concurrent ones into one device call)."""
+        # the errors are raised after their ``except`` blocks: a frame left by an exception raised
+        # inside one holds the exception caught, whose traceback holds the frame (a cycle)
+        overloaded: str | None = None
+        failure: bool | None = None  # whether the device ran out of memory, when it failed
         try:
             results = await self.batcher.submit(jobs, alone=self.in_flight <= 1 if alone is None else alone)
         except Overloaded as exc:
-            raise ApiError(
-                503, f"overloaded: {exc}; retry shortly", code="overloaded", headers={"Retry-After": "1"},
-                reason="queue",
-            ) from None
+            overloaded = str(exc)
         except DeviceError as exc:
+            failure = exc.resource_exhausted
+        if overloaded is not None:
+            raise ApiError(
+                503, f"overloaded: {overloaded}; retry shortly", code="overloaded", headers={"Retry-After": "1"},
+                reason="queue",
+            )
+        if failure is not None:
             self.metrics.device_failures.inc()
-            if exc.resource_exhausted:
+            if failure:
                 raise ApiError(
                     503, "the device ran out of memory for this batch; retry, or send smaller requests",
                     code="device_out_of_memory", headers={"Retry-After": "1"},
-                ) from None
+                )
             raise ApiError(
                 500, "the computation failed for this batch; the server log has the details", code="device_error"
-            ) from None
+            )
         self.metrics.count_elements(endpoint, sum(j.size for j in jobs))
         return results
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -123,6 +124,9 @@ class Batcher:
             return await item.future
         finally:
             self._waiting -= 1
+            # a failure's traceback holds this frame: the future (which holds the failure) is
+            # not kept in it, or the three would make a cycle that pins the jobs
+            item = None  # type: ignore[assignment]
 
     def _count_batch(self, requests: int, elements: int, seconds: float) -> None:
         self.stats.batches += 1
@@ -211,7 +215,12 @@ class DeviceError(Exception):
 
     def __init__(self, cause: Exception) -> None:
         super().__init__(repr(cause))
-        self.cause = cause
+        # the cause is kept for its type and message only: its traceback (the frames of the device
+        # call, which hold the jobs of every request of the batch) is let go
+        if cause.__traceback__ is not None:
+            traceback.clear_frames(cause.__traceback__)
+        self.cause = cause.with_traceback(None)
+        cause.__context__ = cause.__cause__ = None
 
     @property
     def resource_exhausted(self) -> bool:

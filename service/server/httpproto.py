@@ -60,13 +60,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import lifecycle
 
-__all__ = ["PROTOCOL", "REFUSED_KEY", "REQUESTS_KEY", "LimitedHttpToolsProtocol", "configure"]
+__all__ = ["ABORT_KEY", "PROTOCOL", "REFUSED_KEY", "REQUESTS_KEY", "LimitedHttpToolsProtocol", "configure"]
 
 #: The import string for ``uvicorn.Config(http=...)``.
 PROTOCOL = "service.server.httpproto:LimitedHttpToolsProtocol"
 
 #: The scope key under which a request finds the set of the server's requests in progress.
 REQUESTS_KEY = "surrogate.requests"
+#: The scope key under which a request finds a callable that closes its connection at once, dropping
+#: what is still queued to send (for a client that stopped reading).
+ABORT_KEY = "surrogate.abort"
 
 #: The key of an ``http.disconnect`` message (and of the scope) that tells the app why the
 #: protocol ended its request: ``(status, code, message)``, the answer the client was sent.
@@ -204,6 +207,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # others are on their way, and a request alone computes at once
         scope = cast(dict, self.scope)
         scope[REQUESTS_KEY] = self.server_state.tasks
+        scope[ABORT_KEY] = lambda: self.transport.abort()
         if self.cycle is not None and self.cycle.scope is self.scope:  # not an upgrade
             self.cycle.receive = _telling_refusals(self.cycle.receive, scope)  # type: ignore[method-assign,assignment]
             self._body_pending = True  # until the parser says the message is complete

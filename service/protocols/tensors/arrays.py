@@ -197,11 +197,12 @@ def encode_json(payload: Any) -> bytes:
 MAX_JSON_ARRAYS = 1 << 17
 
 
-def json_parse_bytes(body: bytes) -> int:
+def json_parse_bytes(body: bytes, *, max_objects: int | None = None, max_keys: int | None = None) -> int:
     """An upper estimate of the memory a general JSON parser makes of ``body`` (a Python object and
-    a list slot per number, a list per bracket), counted at C speed before parsing; a body of more
-    than ``MAX_JSON_ARRAYS`` arrays is refused here."""
-    commas, brackets = body.count(b","), body.count(b"[")
+    a list slot per number, a list per bracket, a dict per brace and a key per colon), counted at C
+    speed before parsing; a body of more than ``MAX_JSON_ARRAYS`` arrays (or ``max_objects``
+    objects, ``max_keys`` colons, where given) is refused here."""
+    commas, brackets, braces = body.count(b","), body.count(b"["), body.count(b"{")
     if brackets > MAX_JSON_ARRAYS:
         raise ApiError(
             422,
@@ -209,8 +210,15 @@ def json_parse_bytes(body: bytes) -> int:
             "as .npy (application/x-npy)",
             field="x", code="too_large",
         )
-    return 40 * (commas + 1) + 72 * brackets
-
+    if max_objects is not None and braces > max_objects:
+        raise ApiError(422, f"the JSON body holds {braces} objects, over the limit of {max_objects}", code="too_large")
+    colons = 0
+    if max_keys is not None:
+        colons = body.count(b":")
+        if colons > max_keys:
+            raise ApiError(422, f"the JSON body holds {colons} keys (':'), over the limit of {max_keys}",
+                           code="too_large")
+    return 40 * (commas + 1) + 72 * brackets + 240 * braces + 64 * colons
 
 
 def _isfinite(a: np.ndarray) -> np.ndarray:

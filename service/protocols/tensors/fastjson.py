@@ -20,7 +20,7 @@ try:
 except ImportError:  # pragma: no cover - the dependency is in the lock; this keeps the service up without it
     simdjson = None  # type: ignore[assignment]
 
-__all__ = ["MIN_BYTES", "decode"]
+__all__ = ["MIN_BYTES", "array", "decode"]
 
 #: Below this size orjson is as fast and the fast path is not tried.
 MIN_BYTES = 32 * 1024
@@ -62,7 +62,7 @@ def _jobs(doc: Any, body: bytes, max_rank: int) -> tuple[list[dict[str, Any]], b
         for key in keys:
             value = obj[key]
             if isinstance(value, simdjson.Array):
-                decoded = _array(value, max_rank)
+                decoded = array(value, max_rank)
                 if decoded is None:
                     return None
                 job[key], arrays = decoded
@@ -81,8 +81,9 @@ def _jobs(doc: Any, body: bytes, max_rank: int) -> tuple[list[dict[str, Any]], b
     return jobs, single
 
 
-def _array(a: Any, max_rank: int) -> tuple[np.ndarray, int] | None:
-    """The array as float64 of its shape and the number of JSON arrays it is made of, if rectangular."""
+def array(a: Any, max_rank: int, max_rows: int = MAX_ROWS) -> tuple[np.ndarray, int] | None:
+    """A simdjson array as float64 of its shape and the number of JSON arrays it is made of, if it is
+    rectangular, all numbers, of at most ``max_rank`` dimensions and ``max_rows`` rows; else None."""
     shape: list[int] = []
     node = a
     while isinstance(node, simdjson.Array):
@@ -93,7 +94,7 @@ def _array(a: Any, max_rank: int) -> tuple[np.ndarray, int] | None:
     if len(shape) > max_rank:
         return None
     rows = math.prod(shape[:-1])
-    if rows > MAX_ROWS:
+    if rows > max_rows:
         return None
     level = [a]
     arrays = 1

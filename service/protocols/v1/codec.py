@@ -24,7 +24,7 @@ from surrogate_core._registry import unknown_message
 
 from ...compute import Answer, Head
 from ...dataplane.limits import Limits
-from ...errors import ApiError, error_json, shown
+from ...errors import ECHO_LIMIT, ApiError, error_json, shown, shown_field
 from ..tensors import fastjson, jsonerror
 from ..tensors.arrays import (
     RankError,
@@ -53,7 +53,7 @@ def media_type(content_type: str | None, accepted: tuple[str, ...]) -> str:
         return "application/json"
     mt = content_type.split(";", 1)[0].strip().lower()
     if mt not in accepted:
-        raise ApiError(415, f"unsupported Content-Type {content_type!r}; send one of: {', '.join(accepted)}")
+        raise ApiError(415, f"unsupported Content-Type {shown(content_type)}; send one of: {', '.join(accepted)}")
     return mt
 
 
@@ -66,9 +66,10 @@ def parse_json(body: bytes) -> tuple[list[Any], bool]:
     except orjson.JSONDecodeError as exc:
         if "number is infinity" in str(exc):  # valid JSON, but past float64's range
             job, field, _ = _locate(body, "infinity")
-            where = f"job {job}, field {field!r}: " if field is not None else ""
+            where = f"job {job}, field {shown(field)}: " if field is not None else ""
             raise ApiError(
-                422, f"{where}a number is out of float64 range ({exc})", code="not_representable", job=job, field=field
+                422, f"{where}a number is out of float64 range ({exc})", code="not_representable", job=job,
+                field=None if field is None else shown_field(field),
             ) from None
         raise ApiError(400, f"invalid JSON: {jsonerror.explain(body, exc, 'v1')}") from None
     if isinstance(doc, dict):
@@ -105,8 +106,9 @@ def _no_duplicate_keys(body: bytes, jobs: list[dict[str, Any]]) -> None:
                 return
     job, field, key = _locate(body, "duplicate")
     if field is not None:
-        what = f"duplicate key {key!r} in a job object" if key == field else f"duplicate key {key!r} in an object"
-        raise ApiError(422, f"job {job}, field {field!r}: {what}", code="duplicate_key", job=job, field=field)
+        what = f"duplicate key {shown(key)} in " + ("a job object" if key == field else "an object")
+        raise ApiError(422, f"job {job}, field {shown(field)}: {what}", code="duplicate_key", job=job,
+                       field=shown_field(field))
 
 
 class _Duplicate(dict[str, Any]):
@@ -209,16 +211,17 @@ def jobs_from_json(docs: list[Any], endpoint: str, *, careful: bool, limits: Lim
 
 
 def _fail(i: int, field: str | None, message: str, code: str = "invalid_value") -> ApiError:
-    """A 422 for job ``i`` whose message names the job and the field."""
-    where = f"job {i}, field {field!r}" if field else f"job {i}"
-    return ApiError(422, f"{where}: {message}", job=i, field=field, code=code)
+    """A 422 for job ``i`` whose message names the job and the field (a client's key, cut)."""
+    where = f"job {i}, field {shown(field)}" if field else f"job {i}"
+    return ApiError(422, f"{where}: {message}", job=i, field=shown_field(field) if field else field, code=code)
 
 
 def _surrogate(i: int, name: str) -> core.Surrogate:
     try:
         return core.get(name)
     except KeyError:
-        raise _fail(i, "surrogate", unknown_message(name, shown), "unknown_surrogate") from None
+        pass
+    raise _fail(i, "surrogate", unknown_message(name, shown), "unknown_surrogate")
 
 
 def _make_job(
@@ -245,7 +248,7 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
     sur = _surrogate(i, surrogate)
     dtype = doc.get("dtype", core.DEFAULT_DTYPE)
     if not isinstance(dtype, str) or dtype not in core.DTYPES:
-        raise fail("dtype", f"unknown dtype {dtype!r}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
+        raise fail("dtype", f"unknown dtype {shown(dtype)}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
     x = ct = None
     params: dict[str, np.ndarray] = {}
     for key, value in doc.items():
@@ -259,7 +262,11 @@ def _job_from_json(i: int, doc: dict[str, Any], endpoint: str, *, careful: bool,
             arr = json_array(value, key, careful=careful, limits=limits)
         except ValueError as exc:
             code = "too_large" if isinstance(exc, RankError) else "invalid_type"
-            raise fail(key, str(exc).removeprefix(f"{key}: "), code) from None
+            message: str | None = str(exc).removeprefix(f"{key}: ")
+        else:
+            message = None
+        if message is not None:  # raised past the except block: no frame left holds the value and its error
+            raise fail(key, message, code)
         if key == "x":
             x = arr
         elif key == "cotangent":
@@ -287,7 +294,7 @@ def job_from_binary(
     sur = _surrogate(0, surrogate)
     dtype = q.pop("dtype", None)
     if dtype is not None and dtype not in core.DTYPES:
-        raise fail("dtype", f"unknown dtype {dtype!r}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
+        raise fail("dtype", f"unknown dtype {shown(dtype)}; supported: {', '.join(core.DTYPES)}", "unknown_dtype")
     if media_type == NPY:
         arrays = {"x": decode_npy(body, limits=limits)}
     else:
@@ -309,7 +316,7 @@ def job_from_binary(
         if key in arrays:
             raise fail(key, "given both in the query string and in the body", "invalid_value")
         if not _NUMBER.fullmatch(raw):
-            raise fail(key, f"query value {raw!r} is not a number", "invalid_type")
+            raise fail(key, f"query value {shown(raw)} is not a number", "invalid_type")
         arrays[key] = np.asarray(float(raw))
     x = arrays.pop("x")
     ct = arrays.pop("cotangent", None)
@@ -336,7 +343,7 @@ def accepts_npy(accept: str | None) -> bool:
 def _unknown(key: str, sur: core.Surrogate, endpoint: str) -> str:
     if key == "cotangent":
         return f"only /v1/grad takes a cotangent; /v1/{endpoint} does not"
-    return unknown_param_message(key, sur)
+    return unknown_param_message(key[:ECHO_LIMIT], sur)  # (the message names no key; a long one is like none)
 
 
 JSON = "application/json"
@@ -401,8 +408,8 @@ class V1Codec:
         if mt == JSON and query:
             key = query[0][0]
             raise ApiError(
-                422, f"query parameter {key!r}: the query string is for binary bodies; put fields in the JSON job",
-                field=key, code="unknown_field",
+                422, f"query parameter {shown(key)}: the query string is for binary bodies; put fields in the JSON job",
+                field=shown_field(key), code="unknown_field",
             )
         return V1Request(mt, accepts_npy(head.header(b"accept")), query)
 

@@ -28,9 +28,10 @@ from surrogate_core._registry import suggest
 
 from ...compute import Answer, Head
 from ...dataplane.limits import Limits
-from ...errors import ApiError, shown
+from ...errors import ECHO_LIMIT, ApiError, shown, shown_field
 from ..tensors import fastjson, jsonerror
 from ..tensors.arrays import (
+    MAX_JSON_ARRAYS,
     check_finite,
     for_json,
     has_literals,
@@ -42,7 +43,7 @@ from ..tensors.arrays import (
 from ..tensors.fastjson import simdjson
 from ..tensors.npy import jobs_answer_bytes
 
-__all__ = ["DATATYPES", "OUTPUTS", "V2Codec", "describe_model", "model", "render_error"]
+__all__ = ["DATATYPES", "MAX_ID_BYTES", "OUTPUTS", "V2Codec", "describe_model", "model", "render_error"]
 
 VERSION = "1"
 #: OIP datatype -> core dtype name
@@ -57,6 +58,16 @@ _IGNORED_PARAMS = frozenset(
     {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"}
 )
 _FLAT_PARAMETERS = re.compile(rb'"parameters"\s*:\s*\{[^{}\[\]]*\}')
+#: The longest request ``id`` (in UTF-8 bytes): it is echoed in the answer.
+MAX_ID_BYTES = 256
+#: The most objects (``{``) and keys (``:``, counted wherever they are) of a request's JSON: an
+#: inference request has a few of each, and each costs a dict or a string (and, for a repeated key,
+#: the search for it) where a number costs a float.
+MAX_OBJECTS = 1024
+MAX_KEYS = 4096
+#: A request whose colons and keys disagree (a repeated key, or an object or string where only
+#: numbers belong) is re-read to name the repeated key only up to this size.
+EXACT_BYTES = 1 << 20
 _REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
 _STATUS = {422: 400, 406: 400}  # /v1's "valid JSON, invalid job" is OIP's plain bad request
 
@@ -68,7 +79,8 @@ def render_error(err: ApiError) -> Answer:
 
 
 def _bad(message: str, field: str | None = None) -> ApiError:
-    return ApiError(400, message, field=field, code="invalid_value")
+    """A 400 whose ``field`` is a client's name, cut (as its message shows it: ``shown``)."""
+    return ApiError(400, message, field=shown_field(field) if field else field, code="invalid_value")
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -82,7 +94,8 @@ def model(name: str, version: str | None = None) -> core.Surrogate:
         hint = f"; did you mean {close!r}?" if close is not None else "; GET /v1/surrogates lists them"
         raise ApiError(404, f"unknown model {shown(name)}{hint}", code="unknown_surrogate", field="model") from None
     if version is not None and version != VERSION:
-        raise ApiError(404, f"model {name!r} has no version {version!r} (versions: {VERSION})", field="version")
+        raise ApiError(404, f"model {shown(name)} has no version {shown(version)} (versions: {VERSION})",
+                       field="version")
     return sur
 
 
@@ -103,14 +116,15 @@ def describe_model(sur: core.Surrogate, max_rank: int) -> dict[str, Any]:
 def _shape(t: dict[str, Any], name: str, limits: Limits) -> tuple[int, ...]:
     shape = t.get("shape")
     if not isinstance(shape, list) or any(type(d) is not int for d in shape):
-        raise _bad(f"input {name!r}: 'shape' must be a list of integers, got {shape!r}", name)
+        raise _bad(f"input {shown(name)}: 'shape' must be a list of integers, got {shown(shape)}", name)
     problem = limits.rank(len(shape))
     if problem is None:
         if any(d < 0 for d in shape):
-            raise _bad(f"input {name!r}: negative dimension in shape {shape}", name)
+            raise _bad(f"input {shown(name)}: negative dimension in shape {shape}", name)
         problem = limits.shape(shape)
     if problem is not None:
-        raise ApiError(400, f"input {name!r}: {problem}", field=name, code="too_large", reason="too_large")
+        raise ApiError(400, f"input {shown(name)}: {problem}", field=shown_field(name), code="too_large",
+                       reason="too_large")
     return tuple(shape)
 
 
@@ -126,7 +140,7 @@ def _decode_input(
     datatype = t.get("datatype")
     if datatype not in DATATYPES:
         raise _bad(
-            f"input {name!r}: datatype {datatype!r} is not supported; send FP16, FP32, FP64 or BF16 "
+            f"input {shown(name)}: datatype {shown(datatype)} is not supported; send FP16, FP32, FP64 or BF16 "
             "(BF16 as binary data)",
             name,
         )
@@ -135,39 +149,39 @@ def _decode_input(
     n = math.prod(shape)
     params = t.get("parameters") or {}
     if not isinstance(params, dict):
-        raise _bad(f"input {name!r}: 'parameters' must be an object", name)
+        raise _bad(f"input {shown(name)}: 'parameters' must be an object", name)
     size = params.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0:
-            raise _bad(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}", name)
+            raise _bad(f"input {shown(name)}: binary_data_size must be a non-negative integer, got {shown(size)}", name)
         if "data" in t:
-            raise _bad(f"input {name!r}: has both binary_data_size and data; send one", name)
+            raise _bad(f"input {shown(name)}: has both binary_data_size and data; send one", name)
         wire = _WIRE[dtype]
         if size != n * wire.itemsize:
             raise _bad(
-                f"input {name!r}: binary_data_size {size} does not match shape {list(shape)} of {datatype} "
+                f"input {shown(name)}: binary_data_size {size} does not match shape {list(shape)} of {datatype} "
                 f"({n * wire.itemsize} bytes)", name,
             )
         if offset + size > len(rest):
             raise _bad(
-                f"input {name!r}: binary_data_size {size} is past the end of the binary data "
+                f"input {shown(name)}: binary_data_size {size} is past the end of the binary data "
                 f"({len(rest) - offset} bytes left)", name,
             )
         a = np.frombuffer(rest, dtype=wire, count=n, offset=offset).reshape(shape)
         return name, a, dtype, offset + size
     if datatype == "BF16":
-        raise _bad(f"input {name!r}: BF16 tensors travel only as binary data (parameters.binary_data_size)", name)
+        raise _bad(f"input {shown(name)}: BF16 tensors travel only as binary data (parameters.binary_data_size)", name)
     if "data" not in t:
-        raise _bad(f"input {name!r}: has neither data nor parameters.binary_data_size", name)
+        raise _bad(f"input {shown(name)}: has neither data nor parameters.binary_data_size", name)
     small = small_float32(t["data"]) if name == "x" and datatype == "FP32" else None
     if small is not None and small.size == n:  # x decides the dtype: FP32 here, so cast once now
         return name, small.reshape(shape), dtype, offset
     try:  # a JSON number is read as the nearest float64, then cast to the computation dtype
-        a = json_array(t["data"], name, careful=careful, limits=limits)
+        a = json_array(t["data"], shown_field(name), careful=careful, limits=limits)
     except ValueError as exc:
         raise _bad(f"input {exc}", name) from None
     if a.size != n:
-        raise _bad(f"input {name!r}: data holds {a.size} values, shape {list(shape)} needs {n}", name)
+        raise _bad(f"input {shown(name)}: data holds {a.size} values, shape {list(shape)} needs {n}", name)
     return name, a.reshape(shape), dtype, offset
 
 
@@ -212,7 +226,7 @@ class V2Codec:
 
     def parse_bytes(self, request: V2Request, body: bytes) -> int:
         end = _head_end(request.head_length, len(body))
-        return json_parse_bytes(body if end == len(body) else body[:end])
+        return json_parse_bytes(body if end == len(body) else body[:end], max_objects=MAX_OBJECTS, max_keys=MAX_KEYS)
 
     def decode(self, request: V2Request, body: bytes) -> V2Decoded:
         head_end = _head_end(request.head_length, len(body))
@@ -252,7 +266,7 @@ def _head_end(raw: str | None, size: int) -> int:
     if raw is None:
         return size
     if not (raw.isascii() and raw.isdigit()):  # digits only: no sign, space, underscore or other digit
-        raise _bad(f"Inference-Header-Content-Length {raw[:64]!r} is not a non-negative integer (digits only)")
+        raise _bad(f"Inference-Header-Content-Length {shown(raw)} is not a non-negative integer (digits only)")
     n = int(raw)
     if n > size:
         raise _bad(f"Inference-Header-Content-Length {n} is past the end of the {size}-byte body")
@@ -270,15 +284,23 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits
         head, rest = bytes(view[:head_end]), view[head_end:]
     if not head.strip():
         raise _bad("empty request body; send an inference request object")
-    req = _fast_request(head)
+    req = _fast_request(head, limits.max_rank)
     if req is None:
         req = _json_object(head, "the inference request", "with inputs")
+        _no_repeated_keys(head, req)
     unknown = [k for k in req if k not in _REQUEST_FIELDS]
     if unknown:
-        raise _bad(f"unknown field {unknown[0]!r} in the inference request (fields: id, parameters, inputs, outputs)")
+        raise _bad(f"unknown field {shown(unknown[0])} in the inference request "
+                   "(fields: id, parameters, inputs, outputs)")
+    rid = req.get("id")
+    if rid is not None:  # echoed in the answer: a short string, as Triton and KServe have it
+        if not isinstance(rid, str):
+            raise _bad(f"'id' must be a string, got {type(rid).__name__}", "id")
+        if len(rid) > MAX_ID_BYTES or len(rid.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+            raise _bad(f"'id' is longer than {MAX_ID_BYTES} bytes (UTF-8): {shown(rid)}", "id")
     named = req.get("model_name")  # KServe's client repeats the model in the body
     if named is not None and named != sur.name:
-        raise _bad(f"model_name {named!r} in the body differs from the model {sur.name!r} in the path")
+        raise _bad(f"model_name {shown(named)} in the body differs from the model {sur.name!r} in the path")
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _bad("'inputs' must be a non-empty list of tensors")
@@ -295,12 +317,12 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits
         if name == "x":
             dtype = dt  # the computation (and output) dtype is x's datatype
         if name in arrays:
-            raise _bad(f"input {name!r} is given more than once", name)
+            raise _bad(f"input {shown(name)} is given more than once", name)
         if name not in allowed:
-            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            close = difflib.get_close_matches(name[:ECHO_LIMIT], sorted(allowed), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             names = ", ".join(["x", *sur.param_names, "cotangent"])
-            raise _bad(f"unknown input {name!r} for model {sur.name!r} (inputs: {names}){hint}", name)
+            raise _bad(f"unknown input {shown(name)} for model {sur.name!r} (inputs: {names}){hint}", name)
         arrays[name] = a
     if offset != len(rest):
         raise _bad(f"{len(rest) - offset} bytes of binary data follow the last binary input")
@@ -315,14 +337,14 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits
         if key in _IGNORED_PARAMS:
             continue
         if key not in sur.param_names:
-            close = difflib.get_close_matches(key, list(sur.param_names), n=1)
+            close = difflib.get_close_matches(key[:ECHO_LIMIT], list(sur.param_names), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             names = ", ".join(sur.param_names) or "none"
-            raise _bad(f"unknown parameter {key!r} for model {sur.name!r} (parameters: {names}){hint}", key)
+            raise _bad(f"unknown parameter {shown(key)} for model {sur.name!r} (parameters: {names}){hint}", key)
         if key in arrays:
-            raise _bad(f"parameter {key!r} is given both as an input and in 'parameters'", key)
+            raise _bad(f"parameter {shown(key)} is given both as an input and in 'parameters'", key)
         if type(v) not in (int, float):
-            raise _bad(f"parameter {key!r} must be a number, got {type(v).__name__}", key)
+            raise _bad(f"parameter {shown(key)} must be a number, got {type(v).__name__}", key)
         params[key] = float(v)
     binary_all = params_in.get("binary_data_output") is True
 
@@ -353,45 +375,127 @@ def _json_object(raw: bytes, what: str, hint: str) -> dict[str, Any]:
     return doc
 
 
-def _fast_request(head: bytes) -> dict[str, Any] | None:
-    """A large JSON request with its tensors' flat ``data`` decoded by simdjson straight into float64
-    arrays (the shape comes from ``shape``); None for a small request, nested data, or anything
-    unusual (then the general reader decodes it, checks it and words the errors)."""
+def _no_repeated_keys(head: bytes, req: dict[str, Any]) -> None:
+    """Refuse a request with a repeated key (a JSON parser keeps the last one), at the cost of a walk
+    over its few objects: every key of the body has one colon after it, so the colons of the body
+    are the keys parsed plus the colons inside the strings parsed. Only when they disagree is the
+    body re-read (up to ``EXACT_BYTES``) to name the key."""
+    keys = colons = 0
+    todo: list[Any] = [req]
+    while todo:
+        v = todo.pop()
+        if type(v) is dict:
+            keys += len(v)
+            for k, e in v.items():
+                colons += k.count(":")
+                todo.append(e)
+        elif type(v) is list:
+            if v and type(v[0]) in (dict, list, str):  # (lists of numbers are data: no keys in them)
+                todo += v
+        elif type(v) is str:
+            colons += v.count(":")
+    if head.count(b":") == keys + colons:
+        return
+    if len(head) <= EXACT_BYTES:
+        key = _repeated_key(head)
+        if key is None:
+            return  # (an escaped colon in a string): no key is repeated
+        raise _bad(f"duplicate key {shown(key)} in the inference request", key)
+    raise _bad("the inference request repeats a key, or holds an object or string among tensor data")
+
+
+def _repeated_key(head: bytes) -> str | None:
+    """The first key repeated in an object of ``head`` (by Python's JSON reader, on the error path)."""
+    import json
+
+    found: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if not found:
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    found.append(k)
+                    break
+                seen.add(k)
+        return {}
+
+    try:
+        json.loads(head, object_pairs_hook=pairs_hook)
+    except (ValueError, RecursionError):
+        return None
+    return found[0] if found else None
+
+
+def _fast_request(head: bytes, max_rank: int) -> dict[str, Any] | None:
+    """A large JSON request with its tensors' ``data`` (flat, or nested and rectangular) decoded by
+    simdjson straight into float64 arrays; None for a small request or anything unusual (then the
+    general reader decodes it, checks it and words the errors). A repeated key is refused here."""
     if simdjson is None or len(head) < fastjson.MIN_BYTES:
         return None
     try:
         doc = simdjson.Parser().parse(bytes(head))
         if not isinstance(doc, simdjson.Object):
             return None
-        req: dict[str, Any] = {}
-        for key in doc.keys():  # noqa: SIM118 (a simdjson Object)
-            value = doc[key]
-            if key != "inputs" or not isinstance(value, simdjson.Array):
-                req[key] = value.as_dict() if isinstance(value, simdjson.Object) else (
-                    value.as_list() if isinstance(value, simdjson.Array) else value)
-                continue
-            inputs = []
-            for t in value:
+        req = _fields(doc, "the inference request")
+        inputs = req.get("inputs")
+        data_arrays = 0
+        if isinstance(inputs, simdjson.Array):
+            tensors = []
+            for t in inputs:
                 if not isinstance(t, simdjson.Object):
                     return None
-                tensor: dict[str, Any] = {}
-                for k in t.keys():  # noqa: SIM118
-                    v = t[k]
-                    if k == "data" and isinstance(v, simdjson.Array):
-                        if len(v) and isinstance(v[0], simdjson.Array):
-                            return None  # nested: the general reader checks it is rectangular
-                        tensor[k] = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)
-                    elif isinstance(v, simdjson.Object):
-                        tensor[k] = v.as_dict()
-                    elif isinstance(v, simdjson.Array):
-                        tensor[k] = v.as_list()
+                tensor = _fields(t, "an input")
+                v = tensor.get("data")
+                if isinstance(v, simdjson.Array):
+                    if len(v) and isinstance(v[0], simdjson.Array):  # nested: rectangular, or the general reader
+                        nested = fastjson.array(v, max_rank, MAX_JSON_ARRAYS)
+                        if nested is None:
+                            return None
+                        tensor["data"], arrays = nested
+                        data_arrays += arrays
                     else:
-                        tensor[k] = v
-                inputs.append(tensor)
-            req[key] = inputs
-        return req
+                        tensor["data"] = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)
+                        data_arrays += 1
+                tensors.append({k: _plain(e) for k, e in tensor.items()})
+            req["inputs"] = tensors
+        req = {k: _plain(e) for k, e in req.items()}
     except (ValueError, TypeError, RuntimeError, KeyError, IndexError):
         return None
+    # Every '[' of the body must be one of the arrays read: an array hidden among the numbers of a
+    # tensor's data (which reading it as a buffer would flatten) or one in a string fails this.
+    if head.count(b"[") != data_arrays + _lists(req):
+        return None
+    return req
+
+
+def _lists(v: Any) -> int:
+    """The lists in a decoded JSON value (tensor data already read as arrays not counted)."""
+    if type(v) is list:
+        return 1 + sum(_lists(e) for e in v if type(e) in (list, dict))
+    if type(v) is dict:
+        return sum(_lists(e) for e in v.values() if type(e) in (list, dict))
+    return 0
+
+
+def _fields(obj: Any, what: str) -> dict[str, Any]:
+    """A simdjson object's fields (its values as simdjson's own, not converted), refusing a repeated
+    key. (A body holds at most ``MAX_KEYS`` keys, which bounds the lookups.)"""
+    out: dict[str, Any] = {}
+    for k in obj.keys():  # noqa: SIM118 (a simdjson Object)
+        if k in out:
+            raise _bad(f"duplicate key {shown(k)} in {what}", k)
+        out[k] = obj[k]
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """A simdjson value as Python's (objects and arrays converted; anything else as it is)."""
+    if isinstance(v, simdjson.Object):
+        return v.as_dict()
+    if isinstance(v, simdjson.Array):
+        return v.as_list()
+    return v
 
 
 def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_all: bool) -> list[tuple[str, bool]]:
@@ -407,11 +511,11 @@ def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_al
             raise _bad(f"outputs[{i}] must be an object with a 'name'")
         name = o["name"]
         if name not in OUTPUTS:
-            close = difflib.get_close_matches(name, list(OUTPUTS), n=1)
+            close = difflib.get_close_matches(name[:ECHO_LIMIT], list(OUTPUTS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _bad(f"unknown output {name!r} (outputs: spike, grad, fun, vjp){hint}", name)
+            raise _bad(f"unknown output {shown(name)} (outputs: spike, grad, fun, vjp){hint}", name)
         if name in seen:
-            raise _bad(f"output {name!r} is requested more than once", name)
+            raise _bad(f"output {shown(name)} is requested more than once", name)
         seen.add(name)
         if name == "vjp" and not has_cotangent:
             raise _bad("output 'vjp' needs an input 'cotangent'", "cotangent")
@@ -421,10 +525,10 @@ def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_al
             )
         p = o.get("parameters") or {}
         if not isinstance(p, dict):
-            raise _bad(f"output {name!r}: 'parameters' must be an object", name)
+            raise _bad(f"output {shown(name)}: 'parameters' must be an object", name)
         binary = p.get("binary_data", binary_all)
         if not isinstance(binary, bool):
-            raise _bad(f"output {name!r}: binary_data must be true or false", name)
+            raise _bad(f"output {shown(name)}: binary_data must be true or false", name)
         out.append((name, binary))
     return out
 
@@ -435,7 +539,7 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
     chunks: list[bytes | memoryview] = []
     for (name, binary), job, res in zip(outputs, jobs, results, strict=True):
         if job.op != "spike":  # spikes are 0 or 1, always finite
-            check_finite(job, res, text=not binary, where=f"output {name!r}", job_index=None,
+            check_finite(job, res, text=not binary, where=f"output {shown(name)}", job_index=None,
                          hint="ask for binary data (parameters.binary_data)")
         datatype = _NAMES[job.dtype]
         out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(res.shape)}
@@ -446,7 +550,7 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
         else:
             if job.dtype == "bfloat16":
                 raise _bad(
-                    f"output {name!r}: BF16 tensors travel only as binary data; set parameters.binary_data", name
+                    f"output {shown(name)}: BF16 tensors travel only as binary data; set parameters.binary_data", name
                 )
             out["data"] = for_json(res.reshape(-1))
         descr.append(out)
