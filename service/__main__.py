@@ -96,7 +96,8 @@ def _http_protocol(settings: Settings) -> str:
     except ImportError:  # httptools is not installed
         return "h11"
     httpproto.configure(max_header_bytes=settings.max_header_bytes, header_timeout=settings.header_timeout,
-                        body_timeout=settings.body_timeout, body_min_rate=settings.body_min_rate)
+                        body_timeout=settings.body_timeout, body_min_rate=settings.body_min_rate,
+                        max_body_bytes=settings.max_body_bytes)
     return httpproto.PROTOCOL
 
 

@@ -24,8 +24,10 @@ Its body is bounded as well, whatever the route and whether or not the app reads
 - the trailer section of a chunked body (its fields after the last chunk, and the blank line that
   ends them) is counted as the head is, against ``max_header_bytes``: past it ``431``, before the
   parser buffers it. Trailer fields are read and dropped (they never reach the request's headers);
-- an answer sent before its request's body has arrived whole (a refusal, a route that ignores
-  the body) ends the connection: the rest of the body is not read.
+- after an answer sent before its request's body has arrived whole (a 401, a 503, a route that
+  ignores the body), the rest of the body is read and dropped, under the same body watch and up to
+  ``max_discard_bytes`` (the body limit), since most clients write a whole body before they read
+  the answer; past that (or a declared length past it) the connection ends.
 
 When the app is still reading the refused body, its ``receive`` returns ``http.disconnect`` with
 the refusal under :data:`REFUSED_KEY` (``(status, code, message)``), so that it can count it.
@@ -83,8 +85,11 @@ IDLE_GRACE_SECONDS = 0.25
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 
 
-def configure(*, max_header_bytes: int, header_timeout: float, body_timeout: float, body_min_rate: int) -> None:
+def configure(*, max_header_bytes: int, header_timeout: float, body_timeout: float, body_min_rate: int,
+              max_body_bytes: int | None = None) -> None:
     """Set the limits of every connection opened from now on in this process."""
+    if max_body_bytes is not None:
+        LimitedHttpToolsProtocol.max_discard_bytes = int(max_body_bytes)
     LimitedHttpToolsProtocol.max_header_bytes = int(max_header_bytes)
     LimitedHttpToolsProtocol.header_timeout = float(header_timeout)
     LimitedHttpToolsProtocol.body_timeout = float(body_timeout)
@@ -96,7 +101,7 @@ def _from_settings() -> None:
 
     s = get_settings()
     configure(max_header_bytes=s.max_header_bytes, header_timeout=s.header_timeout, body_timeout=s.body_timeout,
-              body_min_rate=s.body_min_rate)
+              body_min_rate=s.body_min_rate, max_body_bytes=s.max_body_bytes)
 
 
 def error_bytes(status: int, code: str, message: str) -> bytes:
@@ -119,6 +124,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout: float | None = None
     body_timeout: float = 10.0
     body_min_rate: int = 1024
+    #: The most body bytes read and dropped after an early answer (``SURROGATE_MAX_BODY_BYTES``).
+    max_discard_bytes: int = 64 << 20
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -219,6 +226,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self._refused:
             self._body_bytes += len(body)
             self._body_last = self.loop.time()
+            if self.cycle is not None and self.cycle.response_complete and self._body_bytes > self.max_discard_bytes:
+                self._end_discarding()  # an early answer's body goes on past what any request may send
+                return
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -235,11 +245,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self.transport.is_closing():
             return
-        if self._refused or (self._body_pending and self.cycle is not None and self.cycle.response_complete):
-            # answered before its body arrived whole: the connection ends rather than read the rest
-            self._refused = True
+        if self._refused:
             self._unwatch()
             self._close_gracefully()
+        elif self._body_pending and self.cycle is not None and self.cycle.response_complete:
+            # answered before its body arrived whole (a 401, a 503, a route that reads no body): the
+            # rest is read and dropped, since most clients write a whole body before they read the
+            # answer, still under the body watch (a stall or a trickle ends the connection), and up
+            # to the body limit: a declared length past it ends the connection now
+            declared = _content_length(cast(dict, self.scope)["headers"])
+            if declared is not None and declared > self.max_discard_bytes:
+                self._end_discarding()
+
+    def _end_discarding(self) -> None:
+        self._refused = True
+        self._unwatch()
+        self._close_gracefully()
 
     # -- shutdown -----------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -372,6 +393,13 @@ def _telling_refusals(receive: Callable[[], Awaitable[Any]], scope: dict) -> Cal
         return message
 
     return receive_
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:

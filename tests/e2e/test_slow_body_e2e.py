@@ -10,8 +10,10 @@ used to end these requests, when anything did).
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.client
+import io
 import json
 import socket
 import threading
@@ -240,8 +242,9 @@ def trickling(s: socket.socket, every: float = 0.5) -> Iterator[None]:
         t.join()
 
 
-def test_healthz_with_a_body_that_never_comes_is_answered_and_closed_at_once(server):
-    """Closed after the answer, not at uvicorn's keep-alive timeout (5 s) or later."""
+def test_healthz_with_a_body_that_never_comes_is_answered_and_closed_at_the_body_timeout(server):
+    """Answered, then closed when the rest of the body stalls for the body timeout (1 s here), not
+    at uvicorn's keep-alive timeout (5 s) or never."""
     _, port, _ = server
     with connect(port) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
@@ -263,6 +266,32 @@ def test_an_answered_request_trickling_its_body_is_closed(server, request_head):
         with trickling(s):
             assert read_answer(s)[0] in (200, 401)
             assert closed(s)
+
+
+@pytest.mark.parametrize("size", [64 * 1024, 4 * MiB])
+def test_a_client_that_writes_its_whole_body_before_reading_gets_an_early_answer(server, size):
+    """A 401 answered before the body arrived: the server reads and drops the rest, so a client that
+    writes the whole body first (aiohttp, like most) reads the 401 instead of a broken connection;
+    the connection then serves the next request."""
+    import aiohttp
+
+    base, _, _ = server
+    body = b"\x00" * size
+
+    async def go() -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            statuses = []
+            for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+                async with s.get(f"{base}/healthz", data=io.BytesIO(body), headers=headers) as r:
+                    await r.read()
+                    statuses.append(r.status)
+                npy_type = {"content-type": "application/x-npy"}
+                async with s.post(f"{base}/v1/grad", data=io.BytesIO(body), headers=npy_type) as r:
+                    await r.read()
+                    statuses.append(r.status)
+            return statuses
+
+    assert asyncio.run(go()) == [200, 401, 200, 401]
 
 
 # -- chunked trailers -----------------------------------------------------------------------------------

@@ -857,18 +857,73 @@ async def test_the_clock_stops_while_the_app_does_not_take_the_body(connect, bod
     assert status == 200 and json.loads(answer)["body"] == 200_000
 
 
-async def test_an_answer_before_the_body_closes_the_connection(connect, body_limits):
-    """``GET /healthz`` with ``Content-Length: 1000000`` and no body: answered, then closed (the
-    rest of the body is not waited for, nor read)."""
+async def test_an_answer_before_the_body_reads_and_drops_the_rest_then_keeps_the_connection(connect, body_limits):
+    """A 401, a 503 or a route that reads no body answers before the body arrived: the rest is read
+    and dropped (clients write a whole body before they read the answer: closing would cut their
+    upload and lose the answer), and the connection serves the next request."""
     body_limits(30.0, 0)
     conn = connect()
     conn.app.reads = False
-    conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
+    conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
     await conn.served()
     assert [status for status, _, _ in conn.answers()] == [200]
-    assert conn.transport.eof  # FIN after the answer
-    conn.send(b"x" * 1000)  # dropped while lingering
+    assert not conn.transport.eof and not conn.transport.closed
+    conn.send(b"x" * 1000)  # the rest of the body: dropped
+    conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    await until(lambda: len(conn.answers()) == 2)
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200, 200]
+    assert not conn.transport.eof and not conn.transport.closed
+
+
+async def test_the_rest_of_an_answered_body_is_still_watched(connect, body_limits):
+    """A body that stops arriving after its answer is ended by the body timeout, as any body."""
+    body_limits(0.2, 0)
+    conn = connect()
+    conn.app.reads = False
+    conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 10)
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200]
+    assert not conn.transport.eof
+    await until(lambda: conn.transport.eof)  # FIN at the body timeout, no second answer
+    assert [status for status, _, _ in conn.answers()] == [200]
     await until(lambda: conn.transport.closed)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_an_answered_body_is_dropped_up_to_the_body_limit(connect, body_limits, monkeypatch, extra):
+    """Declared past the body limit: the connection ends after the answer; at the limit, the rest
+    is read (and a body that goes on past its declared length is not a body: the parser refuses it)."""
+    body_limits(30.0, 0)
+    monkeypatch.setattr(LimitedHttpToolsProtocol, "max_discard_bytes", 5000)
+    conn = connect()
+    conn.app.reads = False
+    conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (5000 + extra))
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200]
+    if extra:
+        assert conn.transport.eof  # FIN after the answer
+        conn.send(b"x" * 1000)  # dropped while lingering
+        await until(lambda: conn.transport.closed)
+    else:
+        conn.send(b"x" * 5000)
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        await until(lambda: len(conn.answers()) == 2)
+        assert not conn.transport.eof
+
+
+async def test_a_chunked_body_dropped_after_its_answer_ends_at_the_body_limit(connect, body_limits, monkeypatch):
+    body_limits(30.0, 0)
+    monkeypatch.setattr(LimitedHttpToolsProtocol, "max_discard_bytes", 5000)
+    conn = connect()
+    conn.app.reads = False
+    conn.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+    await conn.served()
+    assert [status for status, _, _ in conn.answers()] == [200]
+    conn.send(b"fa0\r\n" + b"x" * 4000 + b"\r\n")  # 4000 bytes: still read
+    assert not conn.transport.eof
+    conn.send(b"7d0\r\n" + b"x" * 2000 + b"\r\n")  # 6000 bytes in all: past the limit
+    await until(lambda: conn.transport.eof)
     assert [status for status, _, _ in conn.answers()] == [200]
 
 
