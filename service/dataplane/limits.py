@@ -30,6 +30,10 @@ class Limits:
         #: over the whole request, by ``jobs``)
         self.core = core.Limits(max_rank=max_rank, max_elements=None)
 
+    def with_rank(self, max_rank: int) -> Limits:
+        """These limits with another rank limit (for ``/v2``'s flat ``data`` of a scalar input)."""
+        return Limits(max_rank=max_rank, max_elements=self.max_elements, max_cost=self.max_cost)
+
     def rank(self, ndim: int) -> str | None:
         """What is wrong with an array of ``ndim`` dimensions, or ``None``."""
         if ndim > self.max_rank:

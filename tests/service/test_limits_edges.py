@@ -16,7 +16,9 @@ import numpy as np
 import orjson
 import pytest
 from helpers import App as InProcessApp
+from helpers import body as v2_body
 from helpers import npy, npz
+from helpers import tensor as v2_tensor
 from prometheus_client.parser import text_string_to_metric_families
 
 import surrogate_core as core
@@ -171,6 +173,27 @@ async def test_rank_exactly_max_rank_is_accepted_and_one_more_refused(fmt, max_r
             else:
                 assert err(r) == (422, "too_large", 0, "x")
                 assert f"rank {rank}" in r.json()["error"]["message"] or "rank exceeds" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+async def test_v2_scalars_pass_a_rank_limit_of_zero_and_a_vector_does_not(binary):
+    """/v2 JSON ``data`` is a flat list whatever the declared shape: the rank limit applies to the
+    declared shape (a scalar, ``[]``, is rank 0), not to the list that carries it."""
+    async with App(max_rank=0) as a:
+        for shape, ok in (((), True), ((1,), False)):
+            parts = [v2_tensor("x", np.full(shape, 0.25, np.float32), binary=binary),
+                     v2_tensor("alpha", np.full(shape, 2.0, np.float32), binary=binary)]
+            req = {"inputs": [t for t, _ in parts], "outputs": [{"name": "grad"}]}
+            content, headers = v2_body(req, [raw for _, raw in parts])
+            r = await a.client.post("/v2/models/piecewise_quadratic/infer", content=content, headers=headers)
+            if ok:
+                assert r.status_code == 200, r.text
+                (out,) = r.json()["outputs"]
+                assert out["shape"] == []
+                assert out["data"] == [2.0 - 4.0 * 0.25]  # alpha - alpha^2 |x|
+            else:
+                assert r.status_code == 400
+                assert "rank 1 exceeds the limit of 0" in r.json()["error"]
 
 
 # -- Accept ---------------------------------------------------------------------------------------

@@ -177,7 +177,9 @@ def _decode_input(
     if small is not None and small.size == n:  # x decides the dtype: FP32 here, so cast once now
         return name, small.reshape(shape), dtype, offset
     try:  # a JSON number is read as the nearest float64, then cast to the computation dtype
-        a = json_array(t["data"], shown_field(name), careful=careful, limits=limits)
+        # the declared shape's rank is checked above: the data is flat (rank 1) or nested as the shape
+        data_limits = limits if limits.max_rank >= 1 else limits.with_rank(1)
+        a = json_array(t["data"], shown_field(name), careful=careful, limits=data_limits)
     except ValueError as exc:
         raise _bad(f"input {exc}", name) from None
     if a.size != n:
