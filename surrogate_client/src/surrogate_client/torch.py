@@ -67,8 +67,22 @@ def _heaviside(x: torch.Tensor) -> torch.Tensor:
     subnormals to zero (as an integer, x is >= 0 when its sign bit is clear, and the smallest
     integer at -0.0)."""
     itype = _SAME_WIDTH_INT[x.element_size()]
+    if x.device.type == "cpu":  # the same in NumPy, a few times faster on small tensors
+        b = x.detach().view(itype).numpy()
+        # x >= 0 (no NaN): from +0.0 to +inf; -0.0: the smallest integer
+        spikes = (b >= 0) & (b <= _INF_BITS[x.dtype]) | (b == np.iinfo(b.dtype).min)
+        np_dtype = _NUMPY_FLOATS.get(x.dtype)
+        if np_dtype is not None:
+            return torch.from_numpy(spikes.astype(np_dtype))
+        return torch.from_numpy(spikes).to(x.dtype)
     bits = x.view(itype)
     return (((bits >= 0) & ~torch.isnan(x)) | (bits == torch.iinfo(itype).min)).to(x.dtype)
+
+
+#: the bits of +inf of each dtype, as a signed integer (the largest of a number that is not NaN)
+_INF_BITS = {dt: int(torch.tensor(float("inf"), dtype=dt).view(_SAME_WIDTH_INT[dt.itemsize]).item())
+             for dt in _DTYPE_NAMES}
+_NUMPY_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 #: the most elements one deferred fetch sends in one request (16 MiB of float32, 32 MiB of float64:
@@ -137,8 +151,10 @@ class SpikeFunction(ServedSpikeBase):
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"expected a float16, bfloat16, float32 or float64 tensor, got {got}")
         self._check_shape(tuple(x.shape))
+        if not (x.requires_grad and torch.is_grad_enabled()):  # nothing to backpropagate
+            return _heaviside(x)
         record = None
-        if self.fetch == "step" and x.requires_grad and torch.is_grad_enabled():
+        if self.fetch == "step":
             with self._lock:
                 if self._fetched:  # a new training step: what the last one left unused is let go
                     self._start_step()
