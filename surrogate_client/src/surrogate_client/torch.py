@@ -150,7 +150,8 @@ class SpikeFunction(ServedSpikeBase):
         if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPE_NAMES:
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"expected a float16, bfloat16, float32 or float64 tensor, got {got}")
-        self._check_shape(tuple(x.shape))
+        if not self._flat:  # numbers never enlarge x
+            self._check_shape(tuple(x.shape))
         if not (x.requires_grad and torch.is_grad_enabled()):  # nothing to backpropagate
             return _heaviside(x)
         record = None
