@@ -888,7 +888,8 @@ def targets(results: dict) -> list[tuple[str, float | str, str, float]]:
         for mode, goal in (("step", 2), ("call", 18)):  # fetch="call": no slower than before the deferred mode
             r = tt[f'served, fetch="{mode}"']
             out.append((f'notebook training step, served (fetch="{mode}", '
-                        f'{r["requests_per_step"]:.0f} requests per step) ÷ local', r["ratio"] if r["losses_identical"] else "losses differ from local", "<=", goal))
+                        f'{r["requests_per_step"]:.0f} request(s) per step) ÷ local',
+                        r["ratio"] if r["losses_identical"] else "losses differ from local", "<=", goal))
     v2 = results.get("v2_peers")
     if v2:
         small16 = v2.get(16, {})

@@ -253,3 +253,24 @@ def test_infinite_and_nan_inputs(client):
     fn(x).sum().backward()
     expected = client.grad(x.detach().numpy(), alpha=1.0)
     np.testing.assert_array_equal(x.grad.numpy(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["float16", "bfloat16", "float32", "float64"])
+def test_forward_spike_of_every_kind_of_number(client, dtype):
+    """The spike of random bit patterns (NaNs of both signs, infinities, subnormals, zeros), strided
+    too, against NumPy: 1 where the sign bit is clear or x is a zero, never for NaN."""
+    fn = spike_function(client, alpha=1.0)
+    itype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    info = torch.iinfo(itype)
+    bits = torch.randint(info.min, info.max, (4096,), generator=torch.Generator().manual_seed(8), dtype=itype)
+    edges = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-310, -1e-310, math.inf, -math.inf, math.nan, -math.nan],
+                         dtype=torch.float64).to(dtype)
+    x = torch.cat([edges, bits.view(dtype)])
+    for sample in (x, x[::3], x[10:].reshape(64, 64).t()):
+        v = sample.double().numpy()  # every value exactly
+        expected = (~np.isnan(v) & (~np.signbit(v) | (v == 0))).astype(np.float64)
+        for arg in (sample, sample.clone().requires_grad_(True)):  # as it is (strided), and recorded
+            y = fn(arg)
+            assert y.dtype == dtype
+            np.testing.assert_array_equal(y.detach().double().numpy(), expected)

@@ -68,9 +68,11 @@ def _heaviside(x: torch.Tensor) -> torch.Tensor:
     integer at -0.0)."""
     itype = _SAME_WIDTH_INT[x.element_size()]
     if x.device.type == "cpu":  # the same in NumPy, a few times faster on small tensors
-        b = x.detach().view(itype).numpy()
-        # x >= 0 (no NaN): from +0.0 to +inf; -0.0: the smallest integer
-        spikes = (b >= 0) & (b <= _INF_BITS[x.dtype]) | (b == np.iinfo(b.dtype).min)
+        u = x.detach().view(itype).numpy()
+        u = u.view(u.dtype.str.replace("i", "u"))  # the bits as an unsigned integer
+        # x >= 0 and not NaN: from +0.0 to +inf, the sign bit clear; -0.0: the sign bit alone
+        spikes = u <= _INF_BITS[x.dtype]
+        spikes |= u == 1 << (8 * x.element_size() - 1)
         np_dtype = _NUMPY_FLOATS.get(x.dtype)
         if np_dtype is not None:
             return torch.from_numpy(spikes.astype(np_dtype))
@@ -79,7 +81,7 @@ def _heaviside(x: torch.Tensor) -> torch.Tensor:
     return (((bits >= 0) & ~torch.isnan(x)) | (bits == torch.iinfo(itype).min)).to(x.dtype)
 
 
-#: the bits of +inf of each dtype, as a signed integer (the largest of a number that is not NaN)
+#: the bits of +inf of each dtype, as an integer (the largest of a number >= 0 that is not NaN)
 _INF_BITS = {dt: int(torch.tensor(float("inf"), dtype=dt).view(_SAME_WIDTH_INT[dt.itemsize]).item())
              for dt in _DTYPE_NAMES}
 _NUMPY_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
