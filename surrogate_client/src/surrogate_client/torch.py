@@ -101,7 +101,7 @@ class _Record:
     def __init__(self, key: int, x: torch.Tensor) -> None:
         self.key = key  # its place in the forward pass
         self.x: torch.Tensor | None = x  # until fetched
-        self.g: torch.Tensor | None = None  # g'(x) on the host, in x's dtype, until used
+        self.g: torch.Tensor | None = None  # g'(x) on x's device, in x's dtype, until used
 
 
 class _ServedSpike(torch.autograd.Function):
@@ -214,37 +214,36 @@ class SpikeFunction(ServedSpikeBase):
         return cotangent * g.to(device=cotangent.device)
 
     def _fetch(self, records: list[_Record]) -> None:
-        """``g'(x)`` of every record, one request per dtype (and per shape, with array parameters),
-        at most :data:`FETCH_ELEMENTS` elements per request unless one ``x`` alone has more."""
-        groups: dict[Any, list[_Record]] = {}
+        """``g'(x)`` of every record, one request per dtype and device (and per shape, with array
+        parameters), at most :data:`FETCH_ELEMENTS` elements per request unless one ``x`` alone has more."""
+        groups: dict[Any, list[tuple[_Record, torch.Tensor]]] = {}
         for rec in records:
-            assert rec.x is not None
-            key = rec.x.dtype if self._flat else (rec.x.dtype, tuple(rec.x.shape))
-            groups.setdefault(key, []).append(rec)
+            x = rec.x
+            assert x is not None
+            key = (x.dtype, x.device) if self._flat else (x.dtype, x.device, tuple(x.shape))
+            groups.setdefault(key, []).append((rec, x.detach()))
         for group in groups.values():
-            start = 0
-            while start < len(group):
-                stop, total = start, 0
-                while stop < len(group) and (stop == start or total + group[stop].x.numel() <= FETCH_ELEMENTS):  # type: ignore[union-attr]
-                    total += group[stop].x.numel()  # type: ignore[union-attr]
-                    stop += 1
-                self._fetch_one(group[start:stop])
-                start = stop
+            chunk: list[tuple[_Record, torch.Tensor]] = []
+            total = 0
+            for rec, x in group:
+                if chunk and total + x.numel() > FETCH_ELEMENTS:
+                    self._fetch_one(chunk)
+                    chunk, total = [], 0
+                chunk.append((rec, x))
+                total += x.numel()
+            self._fetch_one(chunk)
 
-    def _fetch_one(self, records: list[_Record]) -> None:
-        xs = [rec.x for rec in records]
-        x0 = xs[0]
-        assert x0 is not None
-        host = [_host(x) for x in xs]  # type: ignore[arg-type]
-        body = np.concatenate([h.reshape(-1) for h in host]) if self._flat else np.stack(host)
-        out = self.client.grad(body, surrogate=self.surrogate, dtype=_DTYPE_NAMES[x0.dtype], **self.params)
-        if out.dtype.name == "bfloat16":
-            out = out.astype(np.float32)
-        flat = torch.from_numpy(np.ascontiguousarray(out).reshape(-1)).to(dtype=x0.dtype)
+    def _fetch_one(self, chunk: list[tuple[_Record, torch.Tensor]]) -> None:
+        """One request: the x's flattened into one array (stacked with array parameters), no cotangent;
+        the answer is put on their device once and each record gets its part."""
+        xs = [x for _, x in chunk]
+        body = torch.cat([x.reshape(-1) for x in xs]) if self._flat else torch.stack(xs)
+        out = self.client.grad(_host(body), surrogate=self.surrogate, dtype=_DTYPE_NAMES[body.dtype], **self.params)
+        flat = _tensor(out, body).reshape(-1)
         offset = 0
-        for rec, x in zip(records, xs, strict=True):
-            n = x.numel()  # type: ignore[union-attr]
-            rec.g = flat[offset:offset + n].view(x.shape)  # type: ignore[union-attr]
+        for rec, x in chunk:
+            n = x.numel()
+            rec.g = flat[offset:offset + n].view(x.shape)
             rec.x = None
             offset += n
 
