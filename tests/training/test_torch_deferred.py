@@ -274,3 +274,19 @@ def test_forward_spike_of_every_kind_of_number(client, dtype):
             y = fn(arg)
             assert y.dtype == dtype
             np.testing.assert_array_equal(y.detach().double().numpy(), expected)
+
+
+def test_zero_dimensional_and_strided_inputs_in_one_fetch(counted):
+    c, transport = counted
+    fn = spike_function(c, alpha=1.0)
+    base = torch.linspace(-1.5, 1.5, 24, dtype=torch.float64)
+    scalar = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    strided = base.clone().reshape(4, 6).t().requires_grad_(True)  # a transposed (non-contiguous) x
+    start = transport.count()
+    (fn(scalar) * 3.0 + (fn(strided) * torch.arange(24.0, dtype=torch.float64).reshape(6, 4)).sum()).backward()
+    assert transport.count() - start == 1
+    assert scalar.grad.shape == ()
+    assert scalar.grad.item() == 3.0 * float(c.grad(0.25, alpha=1.0, dtype="float64"))
+    expected = torch.arange(24.0, dtype=torch.float64).reshape(6, 4) * torch.from_numpy(
+        c.grad(strided.detach().numpy(), alpha=1.0, dtype="float64"))
+    assert torch.equal(strided.grad, expected)

@@ -71,7 +71,7 @@ def _heaviside(x: torch.Tensor) -> torch.Tensor:
         u = x.detach().view(itype).numpy()
         u = u.view(u.dtype.str.replace("i", "u"))  # the bits as an unsigned integer
         # x >= 0 and not NaN: from +0.0 to +inf, the sign bit clear; -0.0: the sign bit alone
-        spikes = u <= _INF_BITS[x.dtype]
+        spikes = np.asarray(u <= _INF_BITS[x.dtype])  # an array also when x is 0-d
         spikes |= u == 1 << (8 * x.element_size() - 1)
         np_dtype = _NUMPY_FLOATS.get(x.dtype)
         if np_dtype is not None:
