@@ -658,6 +658,88 @@ def bench_v2_peers(svc: int, floor: int, peers: dict[str, int | str], quick: boo
     return rows, trows, data
 
 
+# -- 8. training through the service: PyTorch -----------------------------------------------------
+
+def _grad_requests(port: int) -> float:
+    text = Http(port).get("/metrics").decode()
+    return sum(float(v) for v in re.findall(
+        r'^surrogate_requests_total\{endpoint="/v1/grad",(?:protocol="v1",)?status="\d+"\} (\S+)', text, re.M))
+
+
+def bench_training_torch(svc: int, quick: bool) -> tuple[list[list], dict]:
+    """One training step (forward, backward, Adam) of the notebook's snnTorch network (batch 64,
+    64-100-10, 16 time steps, one torch thread), with a local PiecewiseQuadratic and served with
+    each ``fetch`` mode, timed round-robin; requests per step from the server's /metrics."""
+    try:
+        import snntorch as snn
+        import torch
+
+        from surrogate_client import SurrogateClient
+        from surrogate_client.torch import spike_function
+    except ImportError as exc:
+        return [["local / served", f"skipped: {exc}", "", "", ""]], {"skipped": str(exc)}
+    torch.set_num_threads(1)
+
+    class LocalPQ(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return (x >= 0).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (x,) = ctx.saved_tensors
+            ax = x.abs()
+            return grad_output * torch.where(ax > 1.0, torch.zeros_like(x), 1.0 - ax)
+
+    def trainer(spike_grad):
+        torch.manual_seed(0)
+        fc1, fc2 = torch.nn.Linear(64, 100), torch.nn.Linear(100, 10)
+        lif1, lif2 = snn.Leaky(beta=0.9, spike_grad=spike_grad), snn.Leaky(beta=0.9, spike_grad=spike_grad)
+        opt = torch.optim.Adam([*fc1.parameters(), *fc2.parameters()], lr=2e-3)
+        gen = torch.Generator().manual_seed(0)
+        losses: list[float] = []
+
+        def step() -> None:
+            spikes_in = (torch.rand((16, 64, 64), generator=gen) < 0.3).float()
+            labels = torch.randint(0, 10, (64,), generator=gen)
+            mem1, mem2 = lif1.init_leaky(), lif2.init_leaky()
+            counts = 0
+            for x_t in spikes_in:
+                spk1, mem1 = lif1(fc1(x_t), mem1)
+                spk2, mem2 = lif2(fc2(spk1), mem2)
+                counts = counts + spk2
+            loss = torch.nn.functional.cross_entropy(counts, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+
+        return step, losses
+
+    with SurrogateClient(f"http://127.0.0.1:{svc}") as client:
+        modes = {"local": LocalPQ.apply}
+        modes.update({f'served, fetch="{f}"': spike_function(client, "piecewise_quadratic", fetch=f, alpha=1.0)
+                      for f in ("step", "call")})
+        runs = {name: trainer(fn) for name, fn in modes.items()}
+        requests = {}
+        for name, (step, _) in runs.items():  # one step each, counted (also a warm-up)
+            before = _grad_requests(svc)
+            step()
+            requests[name] = _grad_requests(svc) - before
+        times = paired_medians([step for step, _ in runs.values()], 10 if quick else 40)
+    local_s = times[0]
+    losses = {name: losses for name, (_, losses) in runs.items()}
+    rows, data = [], {}
+    for (name, _), t in zip(runs.items(), times, strict=True):
+        same = "identical" if losses[name] == losses["local"] else "DIFFERENT"
+        rows.append([name, f"{requests[name]:.0f}", fmt_ms(t), f"{t / local_s:.2f}",
+                     f"{same} ({len(losses[name])} steps)"])
+        data[name] = {"step_s": t, "ratio": t / local_s, "requests_per_step": requests[name],
+                      "losses_identical": losses[name] == losses["local"]}
+    return rows, data
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -727,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
             peers = ({name: "--no-peers" for name in PEERS} if args.no_peers
                      else start_peers(peer_stack, list(PEERS)))
             peer_rows, peer_trows, results["v2_peers"] = bench_v2_peers(sp, fp, peers, args.quick)
+        if full:
+            torch_rows, results["training_torch"] = bench_training_torch(sp, args.quick)
     if full:
         rows, results["workers"] = bench_workers(args.quick)
         emit(table("5b. Workers: the same load against `--workers 2`",
@@ -740,6 +824,10 @@ def main(argv: list[str] | None = None) -> int:
                ["elements", "server", "request", "median ms", "/ service /v1 JSON"], peer_rows))
     emit(table("7b. 32 concurrent clients, 16 elements (aiohttp, fixed time each)",
                ["server", "request", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors"], peer_trows))
+    if full:
+        emit(table("8. Training through the service, PyTorch: one step (forward, backward, Adam) of the notebook's "
+                   "snnTorch network (batch 64, 64-100-10, 16 time steps, one torch thread), timed round-robin",
+                   ["surrogate", "/v1/grad requests per step", "median ms", "÷ local", "losses vs local"], torch_rows))
 
     trows = []
     for name, value, op, goal in targets(results):
@@ -795,6 +883,13 @@ def targets(results: dict) -> list[tuple[str, float | str, str, float]]:
     if comp:
         out += [("Compiled variants over the lengths", comp["variants_second"], "<=", 25),
                 ("Warm p99 ÷ p50", comp["warm_p99_s"] / comp["warm_p50_s"], "<=", 3)]
+    tt = results.get("training_torch")
+    if tt and "skipped" not in tt:
+        for mode, goal in (("step", 2), ("call", 18)):  # fetch="call": no slower than before the deferred mode
+            r = tt[f'served, fetch="{mode}"']
+            out.append((f'notebook training step, served (fetch="{mode}", '
+                        f'{r["requests_per_step"]:.0f} request(s) per step) ÷ local',
+                        r["ratio"] if r["losses_identical"] else "losses differ from local", "<=", goal))
     v2 = results.get("v2_peers")
     if v2:
         small16 = v2.get(16, {})
