@@ -382,7 +382,7 @@ def build_batch(op: str, jobs: list[Mapping[str, Any]]) -> tuple[RequestSpec, li
 
 
 #: How much is inflated or copied at a time while an answer is read.
-_PIECE = 1 << 20
+PIECE = _PIECE = 1 << 20
 
 
 def _brotli_bounded() -> bool:
