@@ -263,7 +263,7 @@ def _resolve(host: str, port: int, call: _Call) -> list[Any]:
     ok, value = box.pop()
     if not ok:
         raise value
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _direct_ok(url: httpx.URL, headers: Mapping[str, str]) -> bool:
@@ -495,8 +495,9 @@ class _Base:
         return _Call(self.deadline, self.base_url + path)
 
     def _request(self, spec: _wire.RequestSpec, call: _Call) -> httpx.Request:
+        content = spec.content if spec.content is None or isinstance(spec.content, bytes) else bytes(spec.content)
         return self._http.build_request(
-            spec.method, spec.path, params=spec.params or None, headers=spec.headers, content=spec.content,
+            spec.method, spec.path, params=spec.params or None, headers=spec.headers, content=content,
             timeout=call.timeout(self._timeout),
         )
 

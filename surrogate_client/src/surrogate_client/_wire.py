@@ -16,10 +16,12 @@ caller's values whichever encoding is used, and both give bit-identical results.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import numbers
+import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -90,7 +92,7 @@ class RequestSpec:
     path: str
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
-    content: bytes | None = None
+    content: bytes | bytearray | None = None
     binary: bool = False
     dtype: str = ""  # the computation dtype a compute request asks for
     shape: tuple[int, ...] | None = None  # the result's shape, where the client can tell
@@ -244,16 +246,63 @@ def answer_bytes(shape: tuple[int, ...], dtype_name: str, *, binary: bool) -> in
     return 256 + 22 * len(shape) + 3 * lists + (_JSON_ELEMENT[itemsize] + 1) * n
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The header of a C-ordered .npy file (format 1.0, as ``np.save`` writes it)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _npy_parts(arr: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """``arr`` in its wire dtype as a .npy file: the header, and the data as a C-ordered array."""
+    a = np.ascontiguousarray(_wire_array(arr)).reshape(arr.shape)  # (ascontiguousarray makes 0-d arrays 1-d)
+    return _npy_header(a.dtype.str, a.shape), a
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, _wire_array(arr), allow_pickle=False)
-    return buf.getvalue()
+    header, a = _npy_parts(arr)
+    return header + a.tobytes()
 
 
-def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: _wire_array(v) for k, v in arrays.items()})  # type: ignore[arg-type]
-    return buf.getvalue()
+#: The zip records of an .npz archive of stored (uncompressed) members.
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # local file header, 30 bytes, then the name
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory entry, 46 bytes, then the name
+_END = struct.Struct("<IHHHHIIH")  # end of central directory, 22 bytes
+_ZIP_TIME, _ZIP_DATE = 0, (1980 - 1980) << 9 | 1 << 5 | 1  # 1980-01-01 00:00, the earliest a zip can say
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytearray:
+    """An .npz archive (what ``np.savez`` writes: a zip of ``NAME.npy`` members, stored), written
+    straight into one buffer: each array is copied once, and its CRC-32 computed in place. An archive
+    past the 4 GiB a plain zip can describe is left to ``np.savez`` (zip64)."""
+    members = [(f"{name}.npy".encode(), *_npy_parts(arr)) for name, arr in arrays.items()]
+    size = sum(_LOCAL.size + _CENTRAL.size + 2 * len(name) + len(head) + a.nbytes for name, head, a in members)
+    if size + _END.size >= 0xFFFFFFFF:
+        buf = io.BytesIO()
+        np.savez(buf, **{k: _wire_array(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+        return bytearray(buf.getbuffer())
+    out = bytearray(size + _END.size)
+    view = memoryview(out)
+    central = []
+    at = 0
+    for name, head, a in members:
+        data = at + _LOCAL.size + len(name)
+        end = data + len(head) + a.nbytes
+        view[data:data + len(head)] = head
+        np.frombuffer(out, np.uint8, count=a.nbytes, offset=data + len(head))[:] = a.reshape(-1).view(np.uint8)
+        crc = zlib.crc32(view[data:end])
+        n = end - data
+        _LOCAL.pack_into(out, at, 0x04034B50, 20, 0, 0, _ZIP_TIME, _ZIP_DATE, crc, n, n, len(name), 0)
+        view[at + _LOCAL.size:data] = name
+        central.append(_CENTRAL.pack(0x02014B50, 20, 20, 0, 0, _ZIP_TIME, _ZIP_DATE, crc, n, n, len(name), 0, 0, 0,
+                                     0, 0o600 << 16, at) + name)
+        at = end
+    directory = b"".join(central)
+    view[at:at + len(directory)] = directory
+    _END.pack_into(out, at + len(directory), 0x06054B50, 0, 0, len(members), len(members), len(directory), at, 0)
+    view.release()
+    return out
 
 
 def build_compute(
@@ -327,6 +376,7 @@ def build_compute(
                 query[name] = _query_scalar(arr)
             else:
                 archive[name] = arr
+    content: bytes | bytearray
     if len(archive) == 1:
         content, ctype = _npy_bytes(xa), NPY
     else:
