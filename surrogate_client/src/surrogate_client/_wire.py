@@ -81,7 +81,7 @@ DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 #: JSON body is smaller than a .npy file (whose header alone is 128 bytes).
 AUTO_BINARY_MIN_ELEMENTS = 16
 
-_WIRE_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+_WIRE_FLOATS = {np.dtype(t): np.dtype(t).name for t in (np.float16, np.float32, np.float64)}
 
 
 @dataclass
@@ -130,7 +130,7 @@ def as_array(value: Any, name: str) -> np.ndarray:
 
 
 def _is_bfloat16(dt: np.dtype) -> bool:
-    return dt.name == "bfloat16"
+    return dt.kind not in "iufbc" and dt.name == "bfloat16"  # (the kind first: ``name`` is slow to compute)
 
 
 def resolve_dtype(dtype: Any, x: Any) -> str:
@@ -153,9 +153,7 @@ def resolve_dtype(dtype: Any, x: Any) -> str:
         xdt = xdt.newbyteorder("=")  # ">f8" is float64 too
         if _is_bfloat16(xdt):
             return "bfloat16"
-        if xdt in _WIRE_FLOATS:
-            return xdt.name
-        return "float32"
+        return _WIRE_FLOATS.get(xdt, "float32")
     if isinstance(dtype, str):
         return dtype
     try:
@@ -216,8 +214,7 @@ def _result_shape(arrays: list[np.ndarray]) -> tuple[int, ...] | None:
         return None
 
 
-def _result_size(arrays: list[np.ndarray]) -> int:
-    shape = _result_shape(arrays)
+def _result_size(arrays: list[np.ndarray], shape: tuple[int, ...] | None) -> int:
     return math.prod(shape) if shape is not None else max(a.size for a in arrays)
 
 
@@ -341,8 +338,9 @@ def build_compute(
         extra["cotangent"] = as_array(cotangent, "cotangent")
 
     arrays = [xa, *extra.values()]
+    shape = xa.shape if not extra else _result_shape(arrays)
     if transport == "auto":
-        binary = _result_size(arrays) >= AUTO_BINARY_MIN_ELEMENTS or not all(map(_json_safe, arrays))
+        binary = _result_size(arrays, shape) >= AUTO_BINARY_MIN_ELEMENTS or not all(map(_json_safe, arrays))
     else:
         binary = transport != "json"
 
@@ -358,7 +356,6 @@ def build_compute(
             if not _json_safe(arr):
                 raise ValueError(f"{name}: {_JSON_UNSAFE}; use transport='npy' (or 'auto')")
         body = json.dumps(job, separators=(",", ":")).encode()
-        shape = _result_shape(arrays)
         return RequestSpec(
             "POST", path, headers={"Content-Type": JSON, "Accept": JSON}, content=body, dtype=dtype_name,
             shape=shape, answer_bytes=answer_bytes(shape, dtype_name, binary=False) if shape is not None else 0,
@@ -381,7 +378,6 @@ def build_compute(
         content, ctype = _npy_bytes(xa), NPY
     else:
         content, ctype = _npz_bytes(archive), NPZ
-    shape = _result_shape(arrays)
     return RequestSpec(
         "POST", path, params=query, headers={"Content-Type": ctype, "Accept": NPY}, content=content,
         binary=True, dtype=dtype_name, shape=shape,
@@ -626,12 +622,9 @@ def _check_shape(shape: tuple[int, ...], expected: tuple[int, ...] | None, what:
         raise DecodingError(f"{what} has shape {_shown(shape)}, the request's result has shape {expected}")
 
 
-def decode_npy(content: bytes | bytearray, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A .npy answer as an array: float16/32/64 only, of ``expected_shape`` where given, with exactly
-    its data; the header is read before any array is made, so a header that announces more than
-    the answer holds costs nothing. The array shares a ``bytearray``'s memory."""
-    view = memoryview(content)
-    head = io.BytesIO(bytes(view[:_NPY_HEAD_MAX]))
+def _read_npy_head(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """The shape, order and dtype a .npy file's header declares, and where its data starts."""
+    head = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(head)
         if version == (1, 0):
@@ -642,11 +635,27 @@ def decode_npy(content: bytes | bytearray, expected_shape: tuple[int, ...] | Non
             raise ValueError(f".npy format version {version} is not written for float arrays")
     except Exception as exc:  # ValueError, EOFError, SyntaxError...: not a .npy file
         raise DecodingError(f"the answer is not a valid .npy file: {_shown(str(exc))}") from None
+    return shape, fortran, dtype, head.tell()
+
+
+#: the same few answer headers come back call after call; parsing one (a Python literal) costs ~40 us
+_npy_head = functools.lru_cache(maxsize=256)(_read_npy_head)
+
+
+def decode_npy(content: bytes | bytearray, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A .npy answer as an array: float16/32/64 only, of ``expected_shape`` where given, with exactly
+    its data; the header is read before any array is made, so a header that announces more than
+    the answer holds costs nothing. The array shares a ``bytearray``'s memory."""
+    view = memoryview(content)
+    end = 10 + int.from_bytes(view[8:10], "little") if len(view) >= 10 and view[6] == 1 else 0
+    if 10 < end <= min(len(view), 256):  # a short format 1.0 header: parsed once, then remembered
+        shape, fortran, dtype, offset = _npy_head(bytes(view[:end]))
+    else:
+        shape, fortran, dtype, offset = _read_npy_head(bytes(view[:_NPY_HEAD_MAX]))
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         raise DecodingError(f"the .npy answer has dtype {_shown(str(dtype))}, expected float16, float32 or float64")
     _check_shape(shape, expected_shape, "the .npy answer")
     n = math.prod(shape)
-    offset = head.tell()
     if len(view) - offset != n * dtype.itemsize:
         raise DecodingError(f"the .npy answer holds {len(view) - offset} data bytes, its header "
                             f"({shape}, {dtype}) says {n * dtype.itemsize}")
