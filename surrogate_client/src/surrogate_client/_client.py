@@ -282,6 +282,22 @@ def _finished(response: http.client.HTTPResponse) -> bool:
     return response.isclosed() if response.chunked else response.length == 0
 
 
+def _read_exactly(response: http.client.HTTPResponse, n: int) -> bytearray:
+    """The next ``n`` bytes of a body of known length, read straight into their buffer (less if the
+    server closes first: the caller sees ``response.length`` left over)."""
+    body = bytearray(n)
+    view = memoryview(body)
+    got = 0
+    while got < n:
+        more = response.readinto(view[got:])
+        if not more:
+            break
+        got += more
+    view.release()
+    del body[got:]
+    return body
+
+
 class _Direct:
     """The blocking client's own HTTP/1.1 client, for ``http://`` without a proxy: a call costs about
     half of what it does through httpx. The request head and a small body go in one ``send``; the
@@ -685,6 +701,8 @@ class SurrogateClient(_Base):
                 headers = httpx.Headers(response.getheaders())
                 reader = self._reader(spec, response.status, headers)
                 try:
+                    if response.length and response.length <= reader.cap and "content-encoding" not in headers:
+                        reader.take(_read_exactly(response, response.length))  # read in place, no copy
                     while not reader.full:
                         chunk = response.read1(_wire.PIECE)
                         if not chunk:

@@ -566,6 +566,13 @@ class BodyReader:
                                 "request can hold")
         self.full = True
 
+    def take(self, body: bytearray) -> None:
+        """Take a whole body read without ``Content-Encoding`` (no copy), at most ``cap`` bytes."""
+        if self._stages or self._raw or len(body) > self.cap:
+            raise ValueError("take() is for a whole body, within the cap, without Content-Encoding")
+        self._raw = len(body)
+        self._buf = body
+
     def body(self) -> bytearray:
         """The decoded body (the first ``cap`` bytes of it when :attr:`full`)."""
         return self._buf
