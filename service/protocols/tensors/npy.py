@@ -112,7 +112,7 @@ def _array(
     return a
 
 
-def _header_end(body: bytes) -> int | None:
+def _header_end(body: bytes | memoryview) -> int | None:
     """Where the header of a ``.npy`` body ends (its data starts), from the magic and the length field;
     None when the body does not start like a ``.npy`` file of a known version."""
     if len(body) < 12 or body[:6] != b"\x93NUMPY":
@@ -209,10 +209,15 @@ def _stored_members(body: bytes) -> list[tuple[str, memoryview]] | None:
 def _member(name: str, data: memoryview, out: dict[str, np.ndarray], budget: int, limits: Limits) -> int:
     """Decode one stored member into ``out``; the elements left of ``budget``."""
     field = _member_field(name, out)
-    fp = io.BytesIO(data[:_HEAD_MAX])
-    shape, fortran, dtype = _read_header(fp, field)
+    end = _header_end(data)
+    if end is not None and end <= min(len(data), 256):  # a short header: parsed once, then remembered
+        shape, fortran, dtype = _cached_header(bytes(data[:end]), field)
+        offset = end
+    else:
+        fp = io.BytesIO(data[:_HEAD_MAX])
+        shape, fortran, dtype = _read_header(fp, field)
+        offset = fp.tell()
     n = _limits(shape, field, limits, budget)
-    offset = fp.tell()
     expected = n * dtype.itemsize
     if len(data) - offset != expected:
         held = len(data) - offset
