@@ -11,6 +11,7 @@ import io
 import json
 import socket
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -146,11 +147,13 @@ def test_one_connection_carries_every_call():
 
 
 def test_a_connection_the_server_dropped_is_replaced():
-    """The server closes each connection after its answer without saying so (no Connection: close):
-    the next call finds it closed and is sent again on a new one."""
-    with recorder(close_after=True) as srv, scl.SurrogateClient(srv.url, retries=1, backoff=0) as c:
+    """The server closes each connection after its answer without saying so (no Connection: close),
+    as a server does with a connection idle past its keep-alive timeout: the next call sees it
+    closed and opens a new one, without a retry (none allowed here) or a pause."""
+    with recorder(close_after=True) as srv, scl.SurrogateClient(srv.url, retries=0) as c:
         for _ in range(3):
             assert c.grad(X6, transport="json").shape == (6,)
+            time.sleep(0.2)  # the server's close arrives
     assert srv.connections == 3 and len(srv.requests) == 3
 
 
@@ -185,6 +188,39 @@ def test_calls_with_a_deadline_stay_on_the_callers_thread(monkeypatch, server_ur
     with scl.SurrogateClient(server_url, deadline=30.0) as c:
         assert c.deadline == 30.0
         np.testing.assert_array_equal(c.grad(x, alpha=1.0), c.grad(x.tolist(), transport="json", alpha=1.0))
+
+
+def test_a_path_in_the_base_url_keeps_its_escapes():
+    with recorder() as srv, scl.SurrogateClient(srv.url + "/a%20b", retries=0) as c:
+        assert c.grad(X6, transport="json").shape == (6,)
+    assert srv.requests[0][0][0] == "POST /a%20b/v1/grad HTTP/1.1"
+
+
+def test_a_forked_child_opens_its_own_connection():
+    import multiprocessing
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    with recorder() as srv:
+        with scl.SurrogateClient(srv.url, retries=0) as c:
+            assert c.grad(X6, transport="json").shape == (6,)  # a connection is now idle
+            child = multiprocessing.get_context("fork").Process(target=_grad_or_exit, args=(c,))
+            child.start()
+            child.join(30)
+            assert c.grad(X6, transport="json").shape == (6,)  # the parent's is still its own
+        assert child.exitcode == 0
+        assert srv.connections == 2
+
+
+def _grad_or_exit(c: scl.SurrogateClient) -> None:
+    import os
+
+    try:
+        ok = c.grad(X6, transport="json").shape == (6,)
+    except Exception:
+        ok = False
+    os._exit(0 if ok else 1)
 
 
 def test_a_host_name_is_resolved_within_the_deadline():

@@ -311,7 +311,7 @@ class _Direct:
     def __init__(self, url: httpx.URL, headers: Mapping[str, str], timeout: httpx.Timeout, keep: int = 20) -> None:
         self.host = url.host
         self.port = url.port or 80
-        self.prefix = url.path.rstrip("/")
+        self.prefix = url.raw_path.decode("ascii").split("?", 1)[0].rstrip("/")
         self.literal = _is_ip(self.host)
         netloc = f"[{self.host}]" if ":" in self.host else self.host
         self._host = netloc if url.port is None else f"{netloc}:{url.port}"
@@ -320,6 +320,7 @@ class _Direct:
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._keep = keep
+        self._pid = os.getpid()
 
     def close(self) -> None:
         with self._lock:
@@ -344,6 +345,24 @@ class _Direct:
                 return _Conn(sock)
         raise error
 
+    def _idle_connection(self) -> _Conn | None:
+        """A kept-alive connection the server has not closed in the meantime (it would be readable:
+        at its end, or holding bytes no request asked for), if there is one."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's connections are the parent's
+                self._idle, self._pid = [], os.getpid()
+            while self._idle:
+                conn = self._idle.pop()
+                try:
+                    conn.sock.setblocking(False)
+                    conn.sock.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:  # nothing to read: still open
+                    return conn
+                except OSError:
+                    pass
+                conn.close()
+        return None
+
     def _head(self, spec: _wire.RequestSpec) -> bytes:
         target = self.prefix + spec.path
         if spec.params:
@@ -362,8 +381,7 @@ class _Direct:
         """Send ``spec`` and yield the answer, its head read; the caller reads the body (``read1``).
         The connection carries the next request only if the whole answer was read."""
         head, body = self._head(spec), spec.content or b""
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
+        conn = self._idle_connection()
         if conn is None:
             conn = self._connect(call)
         keep = False
