@@ -179,6 +179,32 @@ def test_an_answer_cut_short_is_a_transport_error():
     srv.close()
 
 
+def test_an_answer_sent_before_the_body_was_read_is_the_error_raised():
+    """A server that refuses a large body from its head alone (413) and closes without reading it:
+    the client's send fails, and the answer it got is the error raised, not a transport error."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    error = b'{"error": {"code": "body_too_large", "message": "request body too large"}}'
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         + f"Content-Length: {len(error)}\r\n\r\n".encode() + error)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with scl.SurrogateClient(f"http://127.0.0.1:{srv.getsockname()[1]}", retries=0, deadline=20) as c, \
+            pytest.raises(scl.PayloadTooLarge) as info:
+        c.grad(np.zeros(8_000_000, np.float32))
+    assert info.value.code == "body_too_large"
+    t.join(10)
+    srv.close()
+
+
 def test_calls_with_a_deadline_stay_on_the_callers_thread(monkeypatch, server_url):
     def no_workers(job: Any) -> None:
         raise AssertionError("a worker thread was used")

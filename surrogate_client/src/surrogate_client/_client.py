@@ -395,13 +395,20 @@ class _Direct:
                     conn.sock.sendall(body)
             except TimeoutError:
                 raise _timed_out(call, httpx.WriteTimeout) from None
-            except OSError as exc:
-                raise httpx.WriteError(str(exc) or type(exc).__name__) from None
+            except OSError as exc:  # the server may have answered (413, say) and closed: that answer is read
+                unsent: Exception | None = httpx.WriteError(str(exc) or type(exc).__name__)
+            else:
+                unsent = None
             conn.raw = _DeadlineIO(conn.sock, self._timeout.read, call)
             response = http.client.HTTPResponse(conn, method=spec.method)  # type: ignore[arg-type]
             try:
                 response.begin()
-            except http.client.HTTPException as exc:  # RemoteDisconnected, BadStatusLine, LineTooLong...
+            except (http.client.HTTPException, httpx.TransportError) as exc:
+                if unsent is not None:
+                    raise unsent from None
+                if isinstance(exc, httpx.TransportError):
+                    raise
+                # RemoteDisconnected, BadStatusLine, LineTooLong...
                 raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}") from None
             yield response
             keep = not response.will_close and _finished(response)
