@@ -12,7 +12,7 @@ The peers run in virtual environments of their own, ``bench/.venvs/<name>``, cre
 from the pins in ``bench/peers/<name>-requirements.txt`` (a few minutes once; their pins conflict
 with the service's). A peer that cannot be installed or started is reported as skipped.
 
-    python bench/bench.py [--quick] [--no-peers | --peers-only] [--out bench/results]
+    python bench/bench.py [--quick] [--no-peers | --peers-only | --training-wire] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -740,6 +740,78 @@ def bench_training_torch(svc: int, quick: bool) -> tuple[list[list], dict]:
     return rows, data
 
 
+# -- 9. the client on the wire, for training ---------------------------------------------------------
+
+def bench_training_wire(quick: bool, svc: int | None = None) -> tuple[list[list], dict]:
+    """What a training step's requests cost through ``SurrogateClient``: a 16 x 32 grad (alone, and
+    with a cotangent, an .npz) beside the same .npy request through plain http.client; and a
+    1,000,000-element x + cotangent as .npz (the client, and http.client with the client's body
+    writer) beside the same two arrays as /v2 binary tensors in one body (built on each call, as
+    the client builds its own). Paired, one kept-alive connection each; answers checked first.
+    Starts its own server unless given the port of one."""
+    sys.path.insert(0, str(ROOT / "surrogate_client" / "src"))
+    from surrogate_client import SurrogateClient
+    from surrogate_client._wire import _npz_bytes
+
+    with ExitStack() as stack:
+        if svc is None:
+            svc = free_port()
+            stack.enter_context(server([sys.executable, "-m", "service", "--port", str(svc)], svc, "/readyz",
+                                       {"SURROGATE_LOG_LEVEL": "warning"}))
+        client = stack.enter_context(SurrogateClient(f"http://127.0.0.1:{svc}"))
+        h = Http(svc)
+        rng = np.random.default_rng(8)
+        x = rng.uniform(-2, 2, (16, 32)).astype(np.float32)
+        ct = rng.uniform(-1, 1, (16, 32)).astype(np.float32)
+        body = npy_bytes(x)
+
+        def plain() -> np.ndarray:
+            return np.load(io.BytesIO(h.post("/v1/grad?dtype=float32", body, NPY, NPY)))
+
+        assert np.array_equal(plain(), grad_reference(x))
+        assert np.array_equal(client.grad(x), grad_reference(x))
+        assert np.array_equal(client.grad(x, cotangent=ct), ct * grad_reference(x))
+        small = [("plain http.client, .npy, 16 x 32", plain),
+                 ("SurrogateClient.grad, 16 x 32", lambda: client.grad(x)),
+                 ("SurrogateClient.grad + cotangent (.npz), 16 x 32", lambda: client.grad(x, cotangent=ct))]
+        t_small = paired_medians([f for _, f in small], repeats_for(16, quick) * 2)
+
+        n = 1_000_000
+        xb = rng.uniform(-2, 2, n).astype(np.float32)
+        cb = rng.uniform(-1, 1, n).astype(np.float32)
+        want = cb * grad_reference(xb)
+        head = orjson.dumps({
+            "inputs": [{"name": k, "shape": [n], "datatype": "FP32", "parameters": {"binary_data_size": 4 * n}}
+                       for k in ("x", "cotangent")],
+            "outputs": [{"name": "vjp", "parameters": {"binary_data": True}}]})
+        v2_headers = {"content-type": "application/octet-stream", IHCL: str(len(head))}
+
+        def v2() -> np.ndarray:
+            out, length = h.post_v2(V2_INFER, head + xb.tobytes() + cb.tobytes(), v2_headers)
+            return v2_output(out, length, "vjp")
+
+        def npz_plain() -> np.ndarray:
+            out = h.post("/v1/grad?dtype=float32", _npz_bytes({"x": xb, "cotangent": cb}), "application/x-npz", NPY)
+            return np.load(io.BytesIO(out))
+
+        for f in (v2, npz_plain, lambda: client.grad(xb, cotangent=cb)):
+            assert np.array_equal(f(), want)
+        big = [("/v2 binary tensors, x + cotangent, 1,000,000 (http.client)", v2),
+               (".npz, x + cotangent, 1,000,000 (http.client)", npz_plain),
+               ("SurrogateClient.grad + cotangent (.npz), 1,000,000", lambda: client.grad(xb, cotangent=cb))]
+        t_big = paired_medians([f for _, f in big], repeats_for(n, quick) * 2)
+
+    data = {name: t for (name, _), t in zip(small + big, t_small + t_big, strict=True)}
+    rows = [[name, fmt_ms(t), f"{t / t_small[0]:.2f}", ""] for (name, _), t in zip(small, t_small, strict=True)]
+    rows += [[name, fmt_ms(t), "", f"{t / t_big[0]:.2f}"] for (name, _), t in zip(big, t_big, strict=True)]
+    return rows, data
+
+
+WIRE_HEADER = ["request", "median ms", "÷ plain http.client .npy", "÷ /v2 binary"]
+WIRE_TITLE = ("9. The client on the wire: SurrogateClient beside plain http.client (16 x 32), and x + cotangent as "
+              ".npz beside /v2 binary tensors (1,000,000), one kept-alive connection each, paired")
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -749,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--no-peers", action="store_true", help="leave the peer model servers out (no venv, no install)")
     which.add_argument("--peers-only", action="store_true",
                        help="only the /v2 and peer comparison (section 7) and its targets; writes <device>-peers.{md,json}")
+    which.add_argument("--training-wire", action="store_true",
+                       help="only the client on the wire (section 8) and its targets, printed (nothing written)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     info = machine()
@@ -761,6 +835,12 @@ def main(argv: list[str] | None = None) -> int:
         md.append(text)
 
     print("\n".join(md), flush=True)
+    if args.training_wire:
+        rows, results["training_wire"] = bench_training_wire(args.quick)
+        emit(table(WIRE_TITLE, WIRE_HEADER, rows))
+        for name, value, op, goal in targets(results):
+            emit(f"- {name}: {value:.2f} (goal {op} {goal})")
+        return 0
     full = not args.peers_only
     if full:
         rows, results["inprocess"] = bench_inprocess(args.quick)
@@ -828,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
         emit(table("8. Training through the service, PyTorch: one step (forward, backward, Adam) of the notebook's "
                    "snnTorch network (batch 64, 64-100-10, 16 time steps, one torch thread), timed round-robin",
                    ["surrogate", "/v1/grad requests per step", "median ms", "÷ local", "losses vs local"], torch_rows))
+        rows, results["training_wire"] = bench_training_wire(args.quick)
+        emit(table(WIRE_TITLE, WIRE_HEADER, rows))
 
     trows = []
     for name, value, op, goal in targets(results):
@@ -915,6 +997,15 @@ def targets(results: dict) -> list[tuple[str, float | str, str, float]]:
         out.append(("32 clients, 16 elements: the service's requests/s ÷ the fastest peer's",
                     ours32 / max(theirs32) if ours32 and theirs32 and max(theirs32) else "skipped: no peer measured",
                     ">=", 3))
+    wire = results.get("training_wire")
+    if wire:
+        out += [
+            ("SurrogateClient.grad 16 x 32 ÷ plain http.client .npy",
+             wire["SurrogateClient.grad, 16 x 32"] / wire["plain http.client, .npy, 16 x 32"], "<=", 1.3),
+            ("1M-element x + cotangent as .npz (SurrogateClient.grad) ÷ as /v2 binary",
+             wire["SurrogateClient.grad + cotangent (.npz), 1,000,000"]
+             / wire["/v2 binary tensors, x + cotangent, 1,000,000 (http.client)"], "<=", 1.5),
+        ]
     return out
 
 

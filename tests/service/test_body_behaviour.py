@@ -349,16 +349,17 @@ async def test_an_npz_member_bomb_sent_to_v1_is_422_after_a_bounded_read(zip_rea
 
 
 async def test_well_formed_npz_members_are_read_whole_and_right(zip_reads):
-    """The bounded read is not short: members are read exactly, the compressed one included."""
+    """The bounded read is not short: members are read exactly, the compressed one included (stored
+    members are read in place, without zipfile)."""
     x = np.linspace(-2, 2, 1001)
     alpha = np.array([[0.5], [2.0]])
-    for saver in (np.savez, np.savez_compressed):
+    for saver, through_zipfile in ((np.savez, 0), (np.savez_compressed, len(_npy_header((1001,))) + x.nbytes)):
         b = io.BytesIO()
         saver(b, x=x, alpha=alpha)
         arrays = decode_npz(b.getvalue(), limits=_limits())
         np.testing.assert_array_equal(arrays["x"], x)
         np.testing.assert_array_equal(arrays["alpha"], alpha)
-        assert zip_reads.returned("x.npy") == len(_npy_header((1001,))) + x.nbytes
+        assert zip_reads.returned("x.npy") == through_zipfile
         zip_reads.calls.clear()
 
 
@@ -405,9 +406,10 @@ async def test_too_many_npz_members_are_refused_before_zipfile_parses_them(zip_s
     assert zip_spy.opened == 0  # refused from the end-of-central-directory record alone
 
 
-async def test_exactly_max_npz_members_are_parsed_and_decoded(zip_spy):
-    arrays = decode_npz(_npz_of(MAX_NPZ_MEMBERS), limits=_limits())
-    assert len(arrays) == MAX_NPZ_MEMBERS and zip_spy.opened == 1
+@pytest.mark.parametrize(("compressed", "opened"), [(False, 0), (True, 1)], ids=["stored-in-place", "deflated"])
+async def test_exactly_max_npz_members_are_parsed_and_decoded(zip_spy, compressed, opened):
+    arrays = decode_npz(_npz_of(MAX_NPZ_MEMBERS, compressed), limits=_limits())
+    assert len(arrays) == MAX_NPZ_MEMBERS and zip_spy.opened == opened
     np.testing.assert_array_equal(arrays["x"], np.zeros(2))
 
 
@@ -420,7 +422,7 @@ async def test_too_many_npz_members_sent_to_v1_are_422_without_parsing(zip_spy):
             assert zip_spy.opened == 0
             x = np.array([-1.5, -0.5, 0.0, 0.25])
             b = io.BytesIO()
-            np.savez(b, x=x)
+            np.savez_compressed(b, x=x)
             r = await c.post("/v1/grad", content=b.getvalue(), headers={"content-type": NPZ})
             assert r.status_code == 200 and zip_spy.opened == 1
             assert r.json()["grad"] == grad_ref(x).tolist()

@@ -17,6 +17,7 @@ import re
 import struct
 import sys
 import zipfile
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,7 +112,7 @@ def _array(
     return a
 
 
-def _header_end(body: bytes) -> int | None:
+def _header_end(body: bytes | memoryview) -> int | None:
     """Where the header of a ``.npy`` body ends (its data starts), from the magic and the length field;
     None when the body does not start like a ``.npy`` file of a known version."""
     if len(body) < 12 or body[:6] != b"\x93NUMPY":
@@ -161,16 +162,102 @@ def npz_member_count(body: bytes) -> int | None:
     return entries  # 0xFFFF: a zip64 archive, far more members than allowed anyway
 
 
+_EOCD = struct.Struct("<IHHHHIIH")  # end of central directory record
+_CDIR = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory entry (then name, extra, comment)
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # local file header (then name, extra, data)
+
+
+def _stored_members(body: bytes) -> list[tuple[str, memoryview]] | None:
+    """The members of an ``.npz`` whose members are all stored (uncompressed, as ``np.savez`` and the
+    client write them), as views of the body: no copy, each checked against its CRC-32. None for
+    anything else (compressed members, zip64, a comment, data outside the body, a CRC that does not
+    match...): ``zipfile`` then reads it, or says what is wrong."""
+    if len(body) < _EOCD.size:
+        return None
+    end = len(body) - _EOCD.size
+    sig, disk, cd_disk, n_here, n, cd_size, cd_at, comment = _EOCD.unpack_from(body, end)
+    if sig != 0x06054B50 or disk or cd_disk or n_here != n or comment or cd_at + cd_size != end:
+        return None
+    view = memoryview(body)
+    out: list[tuple[str, memoryview]] = []
+    at = cd_at
+    for _ in range(n):
+        if at + _CDIR.size > end:
+            return None
+        (sig, _made, _need, flags, method, _t, _d, crc, csize, usize, nlen, elen, clen, _disk, _iattr, _eattr,
+         offset) = _CDIR.unpack_from(body, at)
+        name = bytes(view[at + _CDIR.size:at + _CDIR.size + nlen])
+        at += _CDIR.size + nlen + elen + clen
+        if (sig != 0x02014B50 or flags & 0x1 or method != 0 or csize != usize or at > end
+                or offset + _LOCAL.size > cd_at):
+            return None
+        lsig, _need, lflags, lmethod, _t, _d, _crc, _cs, _us, lnlen, lelen = _LOCAL.unpack_from(body, offset)
+        start = offset + _LOCAL.size + lnlen + lelen
+        if (lsig != 0x04034B50 or lflags & 0x1 or lmethod != 0 or start + csize > cd_at
+                or bytes(view[offset + _LOCAL.size:offset + _LOCAL.size + lnlen]) != name):
+            return None
+        data = view[start:start + csize]
+        if zlib.crc32(data) != crc:
+            return None
+        try:
+            out.append((name.decode("utf-8" if flags & 0x800 else "cp437"), data))
+        except UnicodeDecodeError:
+            return None
+    return out if at == end else None
+
+
+def _member(name: str, data: memoryview, out: dict[str, np.ndarray], budget: int, limits: Limits) -> int:
+    """Decode one stored member into ``out``; the elements left of ``budget``."""
+    field = _member_field(name, out)
+    end = _header_end(data)
+    if end is not None and end <= min(len(data), 256):  # a short header: parsed once, then remembered
+        shape, fortran, dtype = _cached_header(bytes(data[:end]), field)
+        offset = end
+    else:
+        fp = io.BytesIO(data[:_HEAD_MAX])
+        shape, fortran, dtype = _read_header(fp, field)
+        offset = fp.tell()
+    n = _limits(shape, field, limits, budget)
+    expected = n * dtype.itemsize
+    if len(data) - offset != expected:
+        held = len(data) - offset
+        raise _bad(
+            f"the header declares shape {list(shape)} of {dtype} ({expected} bytes) but the member holds "
+            f"{'more' if held > expected else held} bytes",
+            field,
+        )
+    out[field] = _array(data, offset, shape, fortran, dtype, n)
+    return budget - n
+
+
+#: The most of a member read to find its .npy header (numpy's own is at most 10,000 bytes here)
+_HEAD_MAX = 10_000 + 16
+
+
+def _member_field(name: str, out: dict[str, np.ndarray]) -> str:
+    if not name.endswith(".npy") or "/" in name or name[:-4] in out:
+        raise _bad(f".npz member {shown(name)} is not a top-level NAME.npy array (or is repeated)")
+    return name[:-4]
+
+
 def decode_npz(body: bytes, *, limits: Limits) -> dict[str, np.ndarray]:
-    """The named arrays of an ``.npz`` body. The element limit applies to all members together."""
+    """The named arrays of an ``.npz`` body. The element limit applies to all members together.
+    Stored members (``np.savez``, the client) are read in place, without a copy."""
     declared = npz_member_count(body)
     if declared is not None and declared > MAX_NPZ_MEMBERS:
         raise _bad(f".npz has {declared} members, over the limit of {MAX_NPZ_MEMBERS}", code="too_large")
+    stored = _stored_members(body)
+    if stored is not None:
+        out: dict[str, np.ndarray] = {}
+        budget = limits.max_elements
+        for name, member in stored:
+            budget = _member(name, member, out, budget, limits)
+        return out
     try:
         zf = zipfile.ZipFile(io.BytesIO(body))
     except Exception as exc:  # BadZipFile, LargeZipFile, ValueError, OSError, ...: not a zip this reads
         raise _bad(f"not a valid .npz (zip) file: {_clean(exc)}") from None
-    out: dict[str, np.ndarray] = {}
+    out = {}
     budget = limits.max_elements
     with zf:
         infos = zf.infolist()
@@ -178,9 +265,7 @@ def decode_npz(body: bytes, *, limits: Limits) -> dict[str, np.ndarray]:
             raise _bad(f".npz has {len(infos)} members, over the limit of {MAX_NPZ_MEMBERS}", code="too_large")
         for info in infos:
             name = info.filename
-            if not name.endswith(".npy") or "/" in name or name[:-4] in out:
-                raise _bad(f".npz member {shown(name)} is not a top-level NAME.npy array (or is repeated)")
-            field = name[:-4]
+            field = _member_field(name, out)
             try:
                 with zf.open(info) as fp:
                     shape, fortran, dtype = _read_header(fp, field)

@@ -16,10 +16,12 @@ caller's values whichever encoding is used, and both give bit-identical results.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import numbers
+import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,7 +81,7 @@ DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 #: JSON body is smaller than a .npy file (whose header alone is 128 bytes).
 AUTO_BINARY_MIN_ELEMENTS = 16
 
-_WIRE_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+_WIRE_FLOATS = {np.dtype(t): np.dtype(t).name for t in (np.float16, np.float32, np.float64)}
 
 
 @dataclass
@@ -90,7 +92,7 @@ class RequestSpec:
     path: str
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
-    content: bytes | None = None
+    content: bytes | bytearray | None = None
     binary: bool = False
     dtype: str = ""  # the computation dtype a compute request asks for
     shape: tuple[int, ...] | None = None  # the result's shape, where the client can tell
@@ -128,7 +130,7 @@ def as_array(value: Any, name: str) -> np.ndarray:
 
 
 def _is_bfloat16(dt: np.dtype) -> bool:
-    return dt.name == "bfloat16"
+    return dt.kind not in "iufbc" and dt.name == "bfloat16"  # (the kind first: ``name`` is slow to compute)
 
 
 def resolve_dtype(dtype: Any, x: Any) -> str:
@@ -151,9 +153,7 @@ def resolve_dtype(dtype: Any, x: Any) -> str:
         xdt = xdt.newbyteorder("=")  # ">f8" is float64 too
         if _is_bfloat16(xdt):
             return "bfloat16"
-        if xdt in _WIRE_FLOATS:
-            return xdt.name
-        return "float32"
+        return _WIRE_FLOATS.get(xdt, "float32")
     if isinstance(dtype, str):
         return dtype
     try:
@@ -214,8 +214,7 @@ def _result_shape(arrays: list[np.ndarray]) -> tuple[int, ...] | None:
         return None
 
 
-def _result_size(arrays: list[np.ndarray]) -> int:
-    shape = _result_shape(arrays)
+def _result_size(arrays: list[np.ndarray], shape: tuple[int, ...] | None) -> int:
     return math.prod(shape) if shape is not None else max(a.size for a in arrays)
 
 
@@ -244,16 +243,63 @@ def answer_bytes(shape: tuple[int, ...], dtype_name: str, *, binary: bool) -> in
     return 256 + 22 * len(shape) + 3 * lists + (_JSON_ELEMENT[itemsize] + 1) * n
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The header of a C-ordered .npy file (format 1.0, as ``np.save`` writes it)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _npy_parts(arr: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """``arr`` in its wire dtype as a .npy file: the header, and the data as a C-ordered array."""
+    a = np.ascontiguousarray(_wire_array(arr)).reshape(arr.shape)  # (ascontiguousarray makes 0-d arrays 1-d)
+    return _npy_header(a.dtype.str, a.shape), a
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, _wire_array(arr), allow_pickle=False)
-    return buf.getvalue()
+    header, a = _npy_parts(arr)
+    return header + a.tobytes()
 
 
-def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: _wire_array(v) for k, v in arrays.items()})  # type: ignore[arg-type]
-    return buf.getvalue()
+#: The zip records of an .npz archive of stored (uncompressed) members.
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # local file header, 30 bytes, then the name
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory entry, 46 bytes, then the name
+_END = struct.Struct("<IHHHHIIH")  # end of central directory, 22 bytes
+_ZIP_TIME, _ZIP_DATE = 0, (1980 - 1980) << 9 | 1 << 5 | 1  # 1980-01-01 00:00, the earliest a zip can say
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytearray:
+    """An .npz archive (what ``np.savez`` writes: a zip of ``NAME.npy`` members, stored), written
+    straight into one buffer: each array is copied once, and its CRC-32 computed in place. An archive
+    past the 4 GiB a plain zip can describe is left to ``np.savez`` (zip64)."""
+    members = [(f"{name}.npy".encode(), *_npy_parts(arr)) for name, arr in arrays.items()]
+    size = sum(_LOCAL.size + _CENTRAL.size + 2 * len(name) + len(head) + a.nbytes for name, head, a in members)
+    if size + _END.size >= 0xFFFFFFFF:
+        buf = io.BytesIO()
+        np.savez(buf, **{k: _wire_array(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+        return bytearray(buf.getbuffer())
+    out = bytearray(size + _END.size)
+    view = memoryview(out)
+    central = []
+    at = 0
+    for name, head, a in members:
+        data = at + _LOCAL.size + len(name)
+        end = data + len(head) + a.nbytes
+        view[data:data + len(head)] = head
+        np.frombuffer(out, np.uint8, count=a.nbytes, offset=data + len(head))[:] = a.reshape(-1).view(np.uint8)
+        crc = zlib.crc32(view[data:end])
+        n = end - data
+        _LOCAL.pack_into(out, at, 0x04034B50, 20, 0, 0, _ZIP_TIME, _ZIP_DATE, crc, n, n, len(name), 0)
+        view[at + _LOCAL.size:data] = name
+        central.append(_CENTRAL.pack(0x02014B50, 20, 20, 0, 0, _ZIP_TIME, _ZIP_DATE, crc, n, n, len(name), 0, 0, 0,
+                                     0, 0o600 << 16, at) + name)
+        at = end
+    directory = b"".join(central)
+    view[at:at + len(directory)] = directory
+    _END.pack_into(out, at + len(directory), 0x06054B50, 0, 0, len(members), len(members), len(directory), at, 0)
+    view.release()
+    return out
 
 
 def build_compute(
@@ -292,8 +338,9 @@ def build_compute(
         extra["cotangent"] = as_array(cotangent, "cotangent")
 
     arrays = [xa, *extra.values()]
+    shape = xa.shape if not extra else _result_shape(arrays)
     if transport == "auto":
-        binary = _result_size(arrays) >= AUTO_BINARY_MIN_ELEMENTS or not all(map(_json_safe, arrays))
+        binary = _result_size(arrays, shape) >= AUTO_BINARY_MIN_ELEMENTS or not all(map(_json_safe, arrays))
     else:
         binary = transport != "json"
 
@@ -309,7 +356,6 @@ def build_compute(
             if not _json_safe(arr):
                 raise ValueError(f"{name}: {_JSON_UNSAFE}; use transport='npy' (or 'auto')")
         body = json.dumps(job, separators=(",", ":")).encode()
-        shape = _result_shape(arrays)
         return RequestSpec(
             "POST", path, headers={"Content-Type": JSON, "Accept": JSON}, content=body, dtype=dtype_name,
             shape=shape, answer_bytes=answer_bytes(shape, dtype_name, binary=False) if shape is not None else 0,
@@ -327,11 +373,11 @@ def build_compute(
                 query[name] = _query_scalar(arr)
             else:
                 archive[name] = arr
+    content: bytes | bytearray
     if len(archive) == 1:
         content, ctype = _npy_bytes(xa), NPY
     else:
         content, ctype = _npz_bytes(archive), NPZ
-    shape = _result_shape(arrays)
     return RequestSpec(
         "POST", path, params=query, headers={"Content-Type": ctype, "Accept": NPY}, content=content,
         binary=True, dtype=dtype_name, shape=shape,
@@ -382,7 +428,7 @@ def build_batch(op: str, jobs: list[Mapping[str, Any]]) -> tuple[RequestSpec, li
 
 
 #: How much is inflated or copied at a time while an answer is read.
-_PIECE = 1 << 20
+PIECE = _PIECE = 1 << 20
 
 
 def _brotli_bounded() -> bool:
@@ -520,6 +566,13 @@ class BodyReader:
                                 "request can hold")
         self.full = True
 
+    def take(self, body: bytearray) -> None:
+        """Take a whole body read without ``Content-Encoding`` (no copy), at most ``cap`` bytes."""
+        if self._stages or self._raw or len(body) > self.cap:
+            raise ValueError("take() is for a whole body, within the cap, without Content-Encoding")
+        self._raw = len(body)
+        self._buf = body
+
     def body(self) -> bytearray:
         """The decoded body (the first ``cap`` bytes of it when :attr:`full`)."""
         return self._buf
@@ -576,12 +629,9 @@ def _check_shape(shape: tuple[int, ...], expected: tuple[int, ...] | None, what:
         raise DecodingError(f"{what} has shape {_shown(shape)}, the request's result has shape {expected}")
 
 
-def decode_npy(content: bytes | bytearray, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A .npy answer as an array: float16/32/64 only, of ``expected_shape`` where given, with exactly
-    its data; the header is read before any array is made, so a header that announces more than
-    the answer holds costs nothing. The array shares a ``bytearray``'s memory."""
-    view = memoryview(content)
-    head = io.BytesIO(bytes(view[:_NPY_HEAD_MAX]))
+def _read_npy_head(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """The shape, order and dtype a .npy file's header declares, and where its data starts."""
+    head = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(head)
         if version == (1, 0):
@@ -592,11 +642,27 @@ def decode_npy(content: bytes | bytearray, expected_shape: tuple[int, ...] | Non
             raise ValueError(f".npy format version {version} is not written for float arrays")
     except Exception as exc:  # ValueError, EOFError, SyntaxError...: not a .npy file
         raise DecodingError(f"the answer is not a valid .npy file: {_shown(str(exc))}") from None
+    return shape, fortran, dtype, head.tell()
+
+
+#: the same few answer headers come back call after call; parsing one (a Python literal) costs ~40 us
+_npy_head = functools.lru_cache(maxsize=256)(_read_npy_head)
+
+
+def decode_npy(content: bytes | bytearray, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A .npy answer as an array: float16/32/64 only, of ``expected_shape`` where given, with exactly
+    its data; the header is read before any array is made, so a header that announces more than
+    the answer holds costs nothing. The array shares a ``bytearray``'s memory."""
+    view = memoryview(content)
+    end = 10 + int.from_bytes(view[8:10], "little") if len(view) >= 10 and view[6] == 1 else 0
+    if 10 < end <= min(len(view), 256):  # a short format 1.0 header: parsed once, then remembered
+        shape, fortran, dtype, offset = _npy_head(bytes(view[:end]))
+    else:
+        shape, fortran, dtype, offset = _read_npy_head(bytes(view[:_NPY_HEAD_MAX]))
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         raise DecodingError(f"the .npy answer has dtype {_shown(str(dtype))}, expected float16, float32 or float64")
     _check_shape(shape, expected_shape, "the .npy answer")
     n = math.prod(shape)
-    offset = head.tell()
     if len(view) - offset != n * dtype.itemsize:
         raise DecodingError(f"the .npy answer holds {len(view) - offset} data bytes, its header "
                             f"({shape}, {dtype}) says {n * dtype.itemsize}")
