@@ -155,13 +155,30 @@ def _refuse_new_handshakes(sock: socket.socket) -> bool:
     return True
 
 
+def _stop_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the parent dies (Linux's ``PR_SET_PDEATHSIG``), so that a
+    parent killed without its own stop (SIGKILL, the OOM killer) leaves no worker serving on: the
+    workers drain and exit as on a SIGTERM. A parent already gone by now: SIGTERM at once."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _Worker(Process):
     """One worker: uvicorn's worker process, serving with ``GracefulServer`` (it is pickled into the
     spawned process, hence a class of an importable module)."""
 
     def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], drain: float) -> None:
         self.drain = drain
+        self.parent_pid = os.getpid()
         super().__init__(config, sockets)
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover (in the child)
+        _stop_with_parent(self.parent_pid)
+        super().target(sockets)
 
     @property
     def server(self) -> uvicorn.Server:

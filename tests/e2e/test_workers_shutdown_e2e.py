@@ -11,8 +11,10 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -144,3 +146,58 @@ def test_the_drain_answers_503_then_refuses_while_requests_in_flight_finish():
             held.sendall(BODY[len(BODY) // 2:])
             assert read_answer(held) == "200"
         assert proc.wait(timeout=60) == 0
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry))
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_stop_when_their_parent_is_killed():
+    """A parent killed without its own stop (SIGKILL, the OOM killer) leaves no worker serving on:
+    each gets SIGTERM from the kernel, drains and exits, and the port is then refused."""
+    with running_server(workers=2, shutdown_drain=0) as (base, proc):
+        port = int(base.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 30
+        workers: set[int] = set()
+        while time.monotonic() < deadline:  # the two workers, besides multiprocessing's tracker
+            workers = {p for p in _children(proc.pid) if b"--multiprocessing-fork" in _cmdline(p)}
+            if len(workers) == 2:
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2
+        assert one_client(port) == "200"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), "workers outlived their killed parent"
+        assert one_client(port) == "refused"
