@@ -201,34 +201,37 @@ class SpikeFunction(ServedSpikeBase):
         dtype = xs[0].dtype
         shapes = {x.shape for x in xs}
         max_elements, max_bytes = self._server_limits()
-        per_request = max(1, min(max_elements, (max_bytes - 4096) // dtype.itemsize))
+        # bytes per element of a request: x (bfloat16 travels as float32) and each array parameter
+        width = max(dtype.itemsize, 4) + sum(np.asarray(v).dtype.itemsize for v in self.params.values() if np.ndim(v))
+        per_request = max(1, min(max_elements, (max_bytes - 65536) // width))
         total = sum(x.size for x in xs)
+        if len(xs) == 1 and total <= per_request:
+            return [self._grad(xs[0], self.params)]
+        if len(shapes) == 1 and total <= per_request:  # one request, the xs stacked on a new first axis
+            return list(self._grad(np.stack(xs), self.params))
+        # flat: every x and every array parameter broadcast to it, end to end, in chunks
+        flat_x = np.concatenate([x.reshape(-1) for x in xs])
+        arrays = {k: np.concatenate([np.broadcast_to(np.asarray(v), x.shape).reshape(-1) for x in xs])
+                  for k, v in self.params.items() if np.ndim(v)}
+        parts = []
+        for start in range(0, total, per_request):
+            cut = slice(start, start + per_request)
+            params = {k: (arrays[k][cut] if k in arrays else v) for k, v in self.params.items()}
+            parts.append(self._grad(flat_x[cut], params))
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
+        out, offset = [], 0
+        for x in xs:
+            out.append(np.asarray(flat[offset:offset + x.size], dtype).reshape(x.shape))
+            offset += x.size
+        return out
+
+    def _grad(self, x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+        """``g'(x)`` from one ``/v1/grad`` request, in x's dtype."""
         try:
-            if len(xs) == 1 and total <= per_request:
-                return [self._grad(xs[0], self.params)]
-            if len(shapes) == 1 and total <= per_request:  # one request, the xs stacked on a new first axis
-                return list(self._grad(np.stack(xs), self.params))
-            # flat: every x and every array parameter broadcast to it, end to end, in chunks
-            flat_x = np.concatenate([x.reshape(-1) for x in xs])
-            arrays = {k: np.concatenate([np.broadcast_to(np.asarray(v), x.shape).reshape(-1) for x in xs])
-                      for k, v in self.params.items() if np.ndim(v)}
-            parts = []
-            for start in range(0, total, per_request):
-                cut = slice(start, start + per_request)
-                params = {k: (arrays[k][cut] if k in arrays else v) for k, v in self.params.items()}
-                parts.append(self._grad(flat_x[cut], params))
-            flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
-            out, offset = [], 0
-            for x in xs:
-                out.append(np.asarray(flat[offset:offset + x.size], dtype).reshape(x.shape))
-                offset += x.size
-            return out
+            out = self.client.grad(x, surrogate=self.surrogate, dtype=x.dtype, **params)
         except SurrogateError as err:
             _record(err)
             raise
-
-    def _grad(self, x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
-        out = self.client.grad(x, surrogate=self.surrogate, dtype=x.dtype, **params)
         return np.asarray(out, dtype=x.dtype).reshape(x.shape)
 
     def _server_limits(self) -> tuple[int, int]:
@@ -239,13 +242,18 @@ class SpikeFunction(ServedSpikeBase):
         return self._limits
 
     def _bwd(self, x: jax.Array, cotangent: jax.Array) -> tuple[jax.Array]:
-        if not isinstance(x, jax.core.Tracer) and not isinstance(cotangent, jax.core.Tracer):
-            return (jnp.asarray(self.vjp(x, cotangent)),)  # eager: the client's exceptions as they are
-        # Under vmap, "broadcast_all" gives the callback x and the cotangent with the batch axes in
-        # front: the service computes elementwise, and the parameters broadcast against the trailing
-        # axes, so the whole batch is one request.
-        result = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        return (jax.pure_callback(self.vjp, result, x, cotangent, vmap_method="broadcast_all"),)
+        # g'(x) alone travels (one .npy body each way) and the product is made here: the one the
+        # service makes with the cotangent, bit for bit (see _times), for half the bytes
+        if not isinstance(x, jax.core.Tracer):
+            g = jnp.asarray(self._grad(np.asarray(x), self.params))  # eager: the client's exceptions as they are
+        else:
+            # Under vmap, "broadcast_all" gives the callback x with the batch axes in front: the service
+            # computes elementwise, and the parameters broadcast against the trailing axes, so the
+            # whole batch is one request.
+            result = jax.ShapeDtypeStruct(x.shape, x.dtype)
+            g = jax.pure_callback(lambda x: self._grad(np.asarray(x), self.params), result, x,
+                                  vmap_method="broadcast_all")
+        return (_times(cotangent, g),)
 
 
 def _fetch(functions: Sequence[SpikeFunction], xs: Sequence[jax.Array]) -> list[jax.Array]:
