@@ -264,7 +264,12 @@ def _fetch(functions: Sequence[SpikeFunction], xs: Sequence[jax.Array]) -> list[
         out: list[np.ndarray | None] = [None] * len(arrays)
         for fn in dict.fromkeys(functions):  # each function once, in order of first use
             idx = [i for i, f in enumerate(functions) if f is fn]
-            for i, g in zip(idx, fn.grads([arrays[i] for i in idx]), strict=True):
+            try:
+                grads = fn.grads([arrays[i] for i in idx])
+            except SurrogateError as err:
+                _record(err)
+                raise
+            for i, g in zip(idx, grads, strict=True):
                 out[i] = g
         return out  # type: ignore[return-value]
 
