@@ -549,11 +549,11 @@ def bench_training_jax(svc: int, quick: bool) -> tuple[list[list], dict]:
             requests[name] = (_device_calls(svc)[1] - before) / 5
             losses[name] = trace
         fns = [lambda f=f: jax.block_until_ready(f(w0, inputs, targets)) for f in modes.values()]
-        times = dict(zip(modes, paired_medians(fns, 20 if quick else 60)))
+        times = dict(zip(modes, paired_medians(fns, 20 if quick else 60), strict=True))
     local = times["local"]
     for name in modes:
         same = "identical" if losses[name] == losses["local"] else \
-            f"max rel. diff {max(abs(a - b) / abs(b) for a, b in zip(losses[name], losses['local'])):.1e}"
+            f"max rel. diff {max(abs(a - b) / abs(b) for a, b in zip(losses[name], losses['local'], strict=True)):.1e}"
         rows.append([name, f"{requests[name]:g}", fmt_ms(times[name]), f"{times[name] / local:.2f}", same])
         data[name] = {"s": times[name], "ratio": times[name] / local, "requests_per_step": requests[name],
                       "losses": losses[name]}
@@ -801,6 +801,11 @@ def main(argv: list[str] | None = None) -> int:
             emit(table("5. Concurrency (aiohttp clients, fixed time each)",
                        ["clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors",
                         "device calls / request"], rows))
+        if full:
+            rows, results["training_jax"] = bench_training_jax(sp, args.quick)
+            emit(table("8. Training through the service, JAX: one LIF layer (batch 128, 64 inputs, 100 neurons, "
+                       "16 time steps, float32) under jax.jit, one SGD step; losses over 5 steps from one start",
+                       ["gradient", "requests / step", "step ms", "÷ local", "losses vs local"], rows))
         with ExitStack() as peer_stack:
             peers = ({name: "--no-peers" for name in PEERS} if args.no_peers
                      else start_peers(peer_stack, list(PEERS)))
@@ -873,6 +878,11 @@ def targets(results: dict) -> list[tuple[str, float | str, str, float]]:
     if comp:
         out += [("Compiled variants over the lengths", comp["variants_second"], "<=", 25),
                 ("Warm p99 ÷ p50", comp["warm_p99_s"] / comp["warm_p50_s"], "<=", 3)]
+    tj = results.get("training_jax")
+    if tj:
+        for mode, key in [("one request per time step", "served, one request per time step (jax.lax.scan)"),
+                          ("one request per scan", "served, one request per scan (surrogate_client.jax.scan)")]:
+            out.append((f"JAX LIF layer, 16 steps under jit, served ÷ local ({mode})", tj[key]["ratio"], "<=", 4))
     v2 = results.get("v2_peers")
     if v2:
         small16 = v2.get(16, {})

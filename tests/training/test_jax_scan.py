@@ -68,7 +68,8 @@ def _bits(a) -> np.ndarray:
 
 def assert_same_bits(a, b) -> None:
     a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape
+    assert a.dtype == b.dtype
+    assert a.shape == b.shape
     np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
@@ -210,7 +211,7 @@ def test_layers_of_other_shapes_and_spike_functions(counted):
 def test_forward_is_lax_scan_and_makes_no_request(counted):
     c, transport = counted
     spike = spike_function(c, "sigmoid", alpha=4.0)
-    weights, inputs, targets = _lif_data("float32")
+    weights, inputs, _ = _lif_data("float32")
 
     def run(scanner):
         def step(v, x_t):
