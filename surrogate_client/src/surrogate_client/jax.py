@@ -8,10 +8,10 @@
 
 The forward pass is the spike ``H(x) = 1 where x >= 0 else 0`` (exact, computed by JAX in x's
 dtype, from x's bits as the service computes it). The backward pass (a :func:`jax.custom_vjp`)
-sends ``x`` and the incoming gradient to ``/v1/grad`` in one request, through
-:func:`jax.pure_callback`, so it works under :func:`jax.jit`, :func:`jax.grad`, :func:`jax.lax.scan`
-(backpropagation through time: one request per time step) and :func:`jax.vmap` (one request for
-the whole batch).
+fetches ``g'(x)`` from ``/v1/grad`` in one request (``x`` alone), through :func:`jax.pure_callback`,
+and multiplies the incoming gradient by it locally, bit for bit the product the service computes;
+so it works under :func:`jax.jit`, :func:`jax.grad`, :func:`jax.lax.scan` (backpropagation through
+time: one request per time step) and :func:`jax.vmap` (one request for the whole batch).
 
 :func:`scan` is :func:`jax.lax.scan` for networks of served spike functions: the forward pass
 records each spike function's input at every step, and the backward pass fetches ``g'(x)`` for all
@@ -337,9 +337,10 @@ def spike_function(client: SurrogateClient, surrogate: str = "piecewise_quadrati
     """A spike function for JAX whose gradient is served.
 
     - forward: ``1`` where ``x >= 0`` (also at 0 and -0.0), else ``0``, in x's dtype;
-    - backward (:func:`jax.custom_vjp`): ``cotangent * g'(x)`` from one ``/v1/grad`` request per
-      call, through :func:`jax.pure_callback`: works under ``jit``, ``grad``, ``lax.scan`` and
-      ``vmap``, in float16, bfloat16, float32 and float64 (with x64 enabled).
+    - backward (:func:`jax.custom_vjp`): ``cotangent * g'(x)``, ``g'(x)`` from one ``/v1/grad``
+      request per call, through :func:`jax.pure_callback`: works under ``jit``, ``grad``,
+      ``lax.scan`` and ``vmap``, in float16, bfloat16, float32 and float64 (with x64 enabled).
+      Under :func:`scan` instead, one request per backward pass of the whole scan.
 
     ``params`` are the surrogate's parameters by braintools' names (``alpha=2.0``): numbers or
     arrays that broadcast against x. They are checked by the service now: an unknown
