@@ -485,6 +485,84 @@ def bench_compilation(quick: bool) -> tuple[list[list], dict]:
                   "warm_p50_s": p(warm, 0.5), "warm_p99_s": p(warm, 0.99), "cold_p99_s": p(cold, 0.99)}
 
 
+# -- 10. training through the service: JAX -------------------------------------------------------
+
+def bench_training_jax(svc: int, quick: bool) -> tuple[list[list], dict]:
+    """One layer of leaky integrate-and-fire neurons (batch 128, 64 inputs, 100 neurons, 16 time steps,
+    float32) trained under `jax.jit` (value_and_grad and an SGD update per step), its spike function's
+    gradient local (a custom_vjp with piecewise_quadratic in JAX), served per step (`jax.lax.scan`: one
+    request per time step) and served per scan (`surrogate_client.jax.scan`: one request per backward
+    pass). Requests per step from the server's own counter; losses over 5 SGD steps from one start."""
+    import jax
+    import jax.numpy as jnp
+
+    from surrogate_client import SurrogateClient
+    from surrogate_client.jax import scan, spike_function
+
+    steps, batch, n_in, n_out = 16, 128, 64, 100
+
+    @jax.custom_vjp
+    def local_spike(x):
+        return (x >= 0).astype(x.dtype)
+
+    def local_bwd(x, g):
+        ax = jnp.abs(x)
+        return (g * jnp.where(ax > 1.0, 0.0, 1.0 - ax).astype(x.dtype),)
+
+    local_spike.defvjp(lambda x: (local_spike(x), x), local_bwd)
+
+    def make_step(spike, scanner):
+        def loss(w, inputs, targets):
+            def body(v, x_t):
+                v = 0.9 * v + x_t @ w
+                s = spike(v - 1.0)
+                return v - s, s
+
+            _, spikes = scanner(body, jnp.zeros((batch, n_out), w.dtype), inputs)
+            return jnp.mean((spikes.mean(0) - targets) ** 2)
+
+        value_and_grad = jax.jit(jax.value_and_grad(loss))
+
+        def train_step(w, inputs, targets):
+            value, g = value_and_grad(w, inputs, targets)
+            return value, w - 0.5 * g
+
+        return train_step
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    inputs = (jax.random.uniform(k1, (steps, batch, n_in)) < 0.3).astype(jnp.float32)
+    w0 = 0.3 * jax.random.normal(k2, (n_in, n_out), jnp.float32)
+    targets = jax.random.uniform(k3, (batch, n_out), jnp.float32)
+    rows, data = [], {}
+    with SurrogateClient(f"http://127.0.0.1:{svc}") as client:
+        spike = spike_function(client, "piecewise_quadratic", alpha=1.0)
+        modes = {"local": make_step(local_spike, jax.lax.scan),
+                 "served, one request per time step (jax.lax.scan)": make_step(spike, jax.lax.scan),
+                 "served, one request per scan (surrogate_client.jax.scan)": make_step(spike, scan)}
+        losses, requests = {}, {}
+        for name, train_step in modes.items():
+            w, trace = w0, []
+            before = _device_calls(svc)[1]
+            for _ in range(5):
+                value, w = train_step(w, inputs, targets)
+                trace.append(float(value))
+            requests[name] = (_device_calls(svc)[1] - before) / 5
+            losses[name] = trace
+        fns = [lambda f=f: jax.block_until_ready(f(w0, inputs, targets)) for f in modes.values()]
+        times = dict(zip(modes, paired_medians(fns, 20 if quick else 60), strict=True))
+    local = times["local"]
+    for name in modes:
+        same = "identical" if losses[name] == losses["local"] else \
+            f"max rel. diff {max(abs(a - b) / abs(b) for a, b in zip(losses[name], losses['local'], strict=True)):.1e}"
+        rows.append([name, f"{requests[name]:g}", fmt_ms(times[name]), f"{times[name] / local:.2f}", same])
+        data[name] = {"s": times[name], "ratio": times[name] / local, "requests_per_step": requests[name],
+                      "losses": losses[name]}
+    data["served losses identical per step and per scan"] = (
+        losses["served, one request per time step (jax.lax.scan)"]
+        == losses["served, one request per scan (surrogate_client.jax.scan)"])
+    return rows, data
+
+
 # -- 7. Open Inference Protocol (/v2) and peer model servers ------------------------------------
 
 PEERS = {  # name -> label; each serves the same jitted formula on /v2/models/piecewise_quadratic/infer
@@ -885,6 +963,11 @@ def main(argv: list[str] | None = None) -> int:
             emit(table("5. Concurrency (aiohttp clients, fixed time each)",
                        ["clients", "endpoint", "requests/s (200)", "p50 ms", "p99 ms", "shed (503)", "errors",
                         "device calls / request"], rows))
+        if full:
+            rows, results["training_jax"] = bench_training_jax(sp, args.quick)
+            emit(table("10. Training through the service, JAX: one LIF layer (batch 128, 64 inputs, 100 neurons, "
+                       "16 time steps, float32) under jax.jit, one SGD step; losses over 5 steps from one start",
+                       ["gradient", "requests / step", "step ms", "÷ local", "losses vs local"], rows))
         with ExitStack() as peer_stack:
             peers = ({name: "--no-peers" for name in PEERS} if args.no_peers
                      else start_peers(peer_stack, list(PEERS)))
@@ -972,6 +1055,11 @@ def targets(results: dict) -> list[tuple[str, float | str, str, float]]:
             out.append((f'notebook training step, served (fetch="{mode}", '
                         f'{r["requests_per_step"]:.0f} request(s) per step) ÷ local',
                         r["ratio"] if r["losses_identical"] else "losses differ from local", "<=", goal))
+    tj = results.get("training_jax")
+    if tj:
+        for mode, key in [("one request per time step", "served, one request per time step (jax.lax.scan)"),
+                          ("one request per scan", "served, one request per scan (surrogate_client.jax.scan)")]:
+            out.append((f"JAX LIF layer, 16 steps under jit, served ÷ local ({mode})", tj[key]["ratio"], "<=", 4))
     v2 = results.get("v2_peers")
     if v2:
         small16 = v2.get(16, {})
