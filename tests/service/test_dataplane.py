@@ -4,6 +4,7 @@ event loop, one JSON reading whatever the body's size, and documentation that ne
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 
 import httpx
@@ -133,3 +134,32 @@ async def test_integers_read_the_same_whatever_the_body_size(client, big):
         assert r.status_code == 200
         vals.append(np.float32(r.json()["grad"][0]))
     assert vals[0] == vals[1] == want
+
+
+@pytest.mark.parametrize(("n", "off_loop"), [(30_000, False), (120_000, True)])
+async def test_answers_are_encoded_off_the_loop_by_their_bytes(monkeypatch, n, off_loop):
+    """With the element threshold out of reach, an answer estimated over 1 MiB (120,000 JSON numbers)
+    is still written in a worker thread, and a smaller one (30,000: about 0.5 MiB) on the loop."""
+    from helpers import App
+    from service.dataplane import OFFLOAD_BYTES
+    from service.protocols.tensors.npy import answer_bytes
+    from service.protocols.v1.codec import V1Codec
+
+    assert (answer_bytes((n,), 4, json=True) > OFFLOAD_BYTES) is off_loop
+    threads: list[int] = []
+    encode = V1Codec.encode
+
+    def recording(self, decoded, results):
+        threads.append(threading.get_ident())
+        return encode(self, decoded, results)
+
+    monkeypatch.setattr(V1Codec, "encode", recording)
+    x = np.linspace(-2, 2, n, dtype=np.float32)
+    async with App(offload_elements=10**9) as a:
+        buf = io.BytesIO()
+        np.save(buf, x)
+        r = await a.client.post("/v1/grad", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["grad"], np.maximum(0, 1 - np.abs(x)), rtol=1e-6, atol=1e-6)
+    assert len(threads) == 1
+    assert (threads[0] != threading.get_ident()) is off_loop
