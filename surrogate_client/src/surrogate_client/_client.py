@@ -130,6 +130,11 @@ class _Call:
                              pool=cut(base.pool))
 
 
+class _Expired(Exception):
+    """The call's deadline passed while it waited: on a socket of the direct connection, or for a
+    worker thread."""
+
+
 class _Workers:
     """Daemon threads that run the blocking client's calls while their callers wait, at most until
     the deadline; a thread is reused once its call ends (up to ``keep`` idle ones are kept)."""
@@ -147,6 +152,37 @@ class _Workers:
             jobs = queue.SimpleQueue()
             threading.Thread(target=self._serve, args=(jobs,), name="surrogate-client-call", daemon=True).start()
         jobs.put(job)
+
+    def call(self, fn: Callable[[], T], seconds: float, *, abandoned: Callable[[], None] | None = None) -> T:
+        """``fn()`` in a worker thread, waited for at most ``seconds``: its result, or its exception
+        raised here. Not done by then: ``_Expired`` (``fn`` goes on in its thread), after
+        ``abandoned()``, which is also called if the wait itself is interrupted."""
+        box: list[tuple[bool, Any]] = []
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # handed to the caller
+                box.append((False, exc))
+            finally:
+                done.set()
+
+        self.run(work)
+        try:
+            finished = done.wait(max(seconds, 0.0))
+        finally:
+            if not done.is_set() and abandoned is not None:
+                abandoned()
+        if not finished:
+            raise _Expired
+        ok, value = box.pop()
+        if ok:
+            return value
+        try:
+            raise value
+        finally:
+            del value
 
     def _serve(self, jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
         while True:
@@ -170,10 +206,6 @@ if hasattr(os, "register_at_fork"):  # not on Windows
 
 
 # -- the blocking client's own HTTP/1.1 ----------------------------------------------------------
-
-
-class _Expired(Exception):
-    """The call's deadline passed while the direct connection waited on its socket."""
 
 
 def _wait(base: float | None, call: _Call) -> float | None:
@@ -246,24 +278,7 @@ def _resolve(host: str, port: int, call: _Call) -> list[Any]:
 
     if call.at is None:
         return lookup()
-    box: list[tuple[bool, Any]] = []
-    done = threading.Event()
-
-    def work() -> None:
-        try:
-            box.append((True, lookup()))
-        except BaseException as exc:
-            box.append((False, exc))
-        finally:
-            done.set()
-
-    _WORKERS.run(work)
-    if not done.wait(max(call.left() or 0.0, 0.0)):
-        raise _Expired
-    ok, value = box.pop()
-    if not ok:
-        raise value
-    return value
+    return _WORKERS.call(lookup, call.left() or 0.0)
 
 
 def _direct_ok(url: httpx.URL, headers: Mapping[str, str]) -> bool:
@@ -672,33 +687,15 @@ class SurrogateClient(_Base):
         call = self._call(path)
         if call.seconds is None or self._direct is not None:
             return fn(call)
-        box: list[tuple[bool, Any]] = []
-        done = threading.Event()
         context = contextvars.copy_context()
 
-        def work() -> None:
-            try:
-                box.append((True, context.run(fn, call)))
-            except BaseException as exc:  # handed to the caller
-                box.append((False, exc))
-            finally:
-                done.set()
+        def abandoned() -> None:
+            call.cancelled = True
 
-        _WORKERS.run(work)
         try:
-            finished = done.wait(max(call.left() or 0.0, 0.0))
-        finally:
-            if not done.is_set():
-                call.cancelled = True
-        if not finished:
-            raise call.expired()
-        ok, value = box.pop()
-        if ok:
-            return value
-        try:
-            raise value
-        finally:
-            del value
+            return _WORKERS.call(lambda: context.run(fn, call), call.left() or 0.0, abandoned=abandoned)
+        except _Expired:
+            raise call.expired() from None
 
     def _attempt(self, spec: _wire.RequestSpec, call: _Call) -> _Answer:
         """Send once and read the whole answer, within the answer cap and the deadline."""
