@@ -82,3 +82,22 @@ def body(req, blobs=()):
     if not blobs:
         return head, {"content-type": "application/json"}
     return head + b"".join(blobs), {"inference-header-content-length": str(len(head))}
+
+
+def torch_local_spike(grad):
+    """A spike function all in torch (no service): H(x) forward (1 where ``x >= 0``), and
+    ``grad_output * grad(x)`` backward, ``grad(x)`` being the surrogate's g'(x) as a tensor."""
+    import torch
+
+    class LocalSpike(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return (x >= 0).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (x,) = ctx.saved_tensors
+            return grad_output * grad(x)
+
+    return LocalSpike.apply

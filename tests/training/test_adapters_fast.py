@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+from helpers import torch_local_spike
 
 import surrogate_client
 
@@ -127,19 +128,11 @@ def torch_adapter():
 def _torch_local_spike(torch, alpha: float):
     """H(x) forward, ``grad_output * g'(x)`` backward, all in torch (no service)."""
 
-    class LocalSpike(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return (x >= 0).to(x.dtype)
+    def grad(x):
+        ax = x.abs()
+        return torch.where(ax > 1 / alpha, torch.zeros_like(x), alpha - alpha**2 * ax)
 
-        @staticmethod
-        def backward(ctx, grad_output):
-            (x,) = ctx.saved_tensors
-            ax = x.abs()
-            return grad_output * torch.where(ax > 1 / alpha, torch.zeros_like(x), alpha - alpha**2 * ax)
-
-    return LocalSpike.apply
+    return torch_local_spike(grad)
 
 
 def test_torch_forward_is_the_spike_and_asks_nothing(counted, torch_adapter):

@@ -11,6 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 snn = pytest.importorskip("snntorch")
 
+from helpers import torch_local_spike  # noqa: E402
+
 from surrogate_client import NotFound, TransportError, ValidationError  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -56,20 +58,7 @@ FORMULAS = {
 def local_spike(surrogate: str, **params):
     """H(x) forward, ``grad_output * g'(x)`` backward, all in torch (no service)."""
     formula = FORMULAS[surrogate]
-
-    class LocalSpike(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return (x >= 0).to(x.dtype)
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            (x,) = ctx.saved_tensors
-            ps = {k: torch.as_tensor(v, dtype=x.dtype) for k, v in params.items()}
-            return grad_output * formula(x, **ps)
-
-    return LocalSpike.apply
+    return torch_local_spike(lambda x: formula(x, **{k: torch.as_tensor(v, dtype=x.dtype) for k, v in params.items()}))
 
 
 CASES = [

@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 snn = pytest.importorskip("snntorch")
 
+from helpers import torch_local_spike  # noqa: E402
+
 from surrogate_client import TransportError  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -24,19 +26,13 @@ def spike_function(*args, **kwargs):  # imported when a test runs (see test_torc
     return made(*args, **kwargs)
 
 
-class LocalPQ(torch.autograd.Function):
-    """H(x) forward; grad_output * (alpha - alpha**2 |x|) inside |x| <= 1/alpha (alpha = 1) backward."""
+def _pq_alpha_1(x):
+    """alpha - alpha**2 |x| inside |x| <= 1/alpha, else 0, for alpha = 1."""
+    ax = x.abs()
+    return torch.where(ax > 1.0, torch.zeros_like(x), 1.0 - ax)
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return (x >= 0).to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (x,) = ctx.saved_tensors
-        ax = x.abs()
-        return grad_output * torch.where(ax > 1.0, torch.zeros_like(x), 1.0 - ax)
+local_pq = torch_local_spike(_pq_alpha_1)
 
 
 def _train(spike_grad, steps: int = 4, time_steps: int = 6, counter=None):
@@ -72,7 +68,7 @@ def _train(spike_grad, steps: int = 4, time_steps: int = 6, counter=None):
 
 def test_training_losses_identical_in_every_mode_and_one_request_per_step(counted):
     c, transport = counted
-    local = _train(LocalPQ.apply)
+    local = _train(local_pq)
     step = _train(spike_function(c, "piecewise_quadratic", alpha=1.0), counter=transport)
     call = _train(spike_function(c, "piecewise_quadratic", fetch="call", alpha=1.0), counter=transport)
     assert step[0] == local[0] == call[0]  # every step's loss, exactly
