@@ -70,3 +70,27 @@ def proc_status_bytes(pid: int, key: str) -> int:
 
 def rss_bytes(pid: int) -> int:
     return proc_status_bytes(pid, "VmRSS")
+
+
+def _get(port: int, path: str) -> bytes:
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("GET", path)
+        return c.getresponse().read()
+    finally:
+        c.close()
+
+
+def info(port: int) -> dict:
+    """``GET /v1/info`` of the server on ``port``."""
+    import json
+
+    return json.loads(_get(port, "/v1/info"))
+
+
+def metric(port: int, name: str) -> float:
+    """The sum of the ``/metrics`` samples whose line starts with ``name`` (labels included)."""
+    text = _get(port, "/metrics").decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))

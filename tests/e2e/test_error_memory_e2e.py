@@ -11,14 +11,13 @@ memory held by a reference cycle grows by about a body (and what was decoded fro
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import socket
 import time
 
 import numpy as np
 import pytest
-from liveserver import npy, proc_status_bytes, running_server
+from liveserver import info, metric, npy, proc_status_bytes, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MiB = 1 << 20
@@ -32,22 +31,6 @@ def post(port: int, path: str, body: bytes, ctype: str = "application/json") -> 
     data = r.read()
     c.close()
     return r.status, data
-
-
-def info(port: int) -> dict:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    c.request("GET", "/v1/info")
-    doc = json.loads(c.getresponse().read())
-    c.close()
-    return doc
-
-
-def metric(port: int, name: str) -> float:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    c.request("GET", "/metrics")
-    text = c.getresponse().read().decode()
-    c.close()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def numbers_then_null(size: int) -> bytes:

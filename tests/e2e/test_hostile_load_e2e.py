@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from liveserver import npy, proc_status_bytes, running_server
+from liveserver import info, metric, npy, proc_status_bytes, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MiB = 1 << 20
@@ -77,22 +77,6 @@ def post(port: int, path: str, body: bytes, content_type: str, accept: str | Non
     data = r.read()
     c.close()
     return r.status, r.msg, data
-
-
-def info(port: int) -> dict:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    c.request("GET", "/v1/info")
-    doc = json.loads(c.getresponse().read())
-    c.close()
-    return doc
-
-
-def metric(port: int, name: str) -> float:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    c.request("GET", "/metrics")
-    text = c.getresponse().read().decode()
-    c.close()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @pytest.fixture(scope="module")
