@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from liveserver import npy  # noqa: F401  (one .npy helper for every test)
+
 from service.server.settings import Settings
 
 
@@ -101,3 +102,51 @@ def torch_local_spike(grad):
             return grad_output * grad(x)
 
     return LocalSpike.apply
+
+
+class LoopbackServer:
+    """A test server on a loopback port, a thread per connection: ``handle(conn)`` (a subclass's)
+    serves each accepted connection; ``connections`` counts them; ``close()`` stops accepting and
+    waits for the threads. ``sndbuf`` sets the listening socket's send buffer (the connections'),
+    so that little of what a handler sends is held in flight."""
+
+    def __init__(self, sndbuf: int | None = None) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        if sndbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.sock.settimeout(0.05)  # accept() looks at ``stop`` this often
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+
+    def start(self) -> None:
+        self.threads[0].start()
+
+    def handle(self, conn) -> None:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            t = threading.Thread(target=self.handle, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        for t in self.threads:
+            t.join(timeout=10)

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from helpers import LoopbackServer
 
 import surrogate_client as scl
 from surrogate_client import _client, _wire
@@ -27,37 +28,18 @@ X6 = [0.5, -0.5, 0.0, 1.0, -1.0, 2.0]
 DOC = {"surrogate": "piecewise_quadratic", "dtype": "float32", "shape": [6], "grad": [0.5] * 6}
 
 
-class Recorder:
+class Recorder(LoopbackServer):
     """An HTTP/1.1 server on a loopback port: it records each request (head lines and body) and
     answers ``DOC`` as JSON, keeping the connection open unless ``close_after`` says otherwise."""
 
     def __init__(self, close_after: bool = False, answer: Callable[[bytes], bytes] | None = None) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__()
         self.close_after = close_after
         self.answer = answer
         self.requests: list[tuple[list[str], bytes]] = []
-        self.connections = 0
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
+        self.start()
 
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self.threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(10)
         data = b""
         with conn, contextlib.suppress(OSError):
@@ -81,11 +63,6 @@ class Recorder:
                 if self.close_after:
                     return
 
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-        for t in self.threads:
-            t.join(timeout=10)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ import io
 import json
 import socket
 import struct
-import threading
 import time
 import tracemalloc
 import zlib
@@ -26,6 +25,7 @@ from typing import Any
 import brotli
 import numpy as np
 import pytest
+from helpers import LoopbackServer
 
 import surrogate_client as scl
 
@@ -40,35 +40,18 @@ JSON6_CAP = JSON6_BYTES + 65536
 X6 = [0.5, -0.5, 0.0, 1.0, -1.0, 2.0]
 
 
-class Hostile:
+class Hostile(LoopbackServer):
     """An HTTP/1.1 server on a loopback port that reads each request and hands the connection to
     ``answer(server, conn)``; it counts the requests and the bytes it managed to send."""
 
     def __init__(self, answer: Callable[[Hostile, socket.socket], None]) -> None:
+        super().__init__(sndbuf=1 << 16)  # little held in flight
         self.answer = answer
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # little held in flight
-        self.sock.settimeout(0.05)  # accept() looks at ``stop`` this often
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.requests = 0
         self.sent = 0
-        self.stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        self.start()
 
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._handle, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         with conn:
             data = b""
             while b"\r\n\r\n" not in data:
@@ -92,11 +75,6 @@ class Hostile:
         conn.sendall(data)
         self.sent += len(data)
 
-    def close(self) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join(timeout=10)
-        self.sock.close()
 
 
 @contextlib.contextmanager
@@ -427,12 +405,12 @@ def test_the_cap_holds_the_longest_answer_the_service_writes(dtype, shape):
     surrogate name: both encodings fit the client's estimate (before its margin)."""
     import ml_dtypes
     import orjson
+
     import surrogate_core as core
     from service.protocols.tensors.arrays import encode_json, for_json
     from service.protocols.tensors.jsonout import result_pieces
     from service.protocols.tensors.npy import npy_parts
     from service.protocols.v1.codec import result_dict
-
     from surrogate_client import _wire as W
 
     wire = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
