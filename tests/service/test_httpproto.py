@@ -699,18 +699,19 @@ def trailer_of(size: int) -> bytes:
     return section
 
 
+def send_chunked(conn, message: bytes, trailer: bytes, how: str) -> None:
+    """A chunked message and its trailer section in one read, byte by byte, or with the trailer
+    split after its first 500 bytes ("trailer split")."""
+    split = [message + trailer[:500], trailer[500:]] if how == "trailer split" else None
+    for piece in split or pieces(message + trailer, how):
+        conn.send(piece)
+
+
 @pytest.mark.parametrize("how", ["one read", "byte by byte", "trailer split"])
 async def test_a_trailer_section_of_exactly_the_limit_is_served_and_dropped(connect, how):
     conn = connect()
     message, trailer = chunked(b"b" * 250, trailer_of(LIMIT))
-    if how == "one read":
-        conn.send(message + trailer)
-    elif how == "byte by byte":
-        for i in range(len(message + trailer)):
-            conn.send((message + trailer)[i : i + 1])
-    else:
-        conn.send(message + trailer[:500])
-        conn.send(trailer[500:])
+    send_chunked(conn, message, trailer, how)
     await conn.served()
     [(status, _, answer)] = conn.answers()
     assert status == 200
@@ -723,14 +724,7 @@ async def test_a_trailer_section_of_exactly_the_limit_is_served_and_dropped(conn
 async def test_one_trailer_byte_past_the_limit_is_431_before_the_parser_sees_it(connect, parent_reads, how):
     conn = connect()
     message, trailer = chunked(b"b" * 250, trailer_of(LIMIT + 1))
-    if how == "one read":
-        conn.send(message + trailer)
-    elif how == "byte by byte":
-        for i in range(len(message + trailer)):
-            conn.send((message + trailer)[i : i + 1])
-    else:
-        conn.send(message + trailer[:500])
-        conn.send(trailer[500:])
+    send_chunked(conn, message, trailer, how)
     await conn.served()
     assert sum(parent_reads) <= len(message) + LIMIT  # no trailer byte past the limit reached the parser
     [(status, headers, answer)] = conn.answers()
