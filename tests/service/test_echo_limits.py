@@ -236,6 +236,23 @@ REFUSED = {
 }
 
 
+async def held_after(request, times: int = 2) -> int:
+    """The bytes (tracemalloc) still held after ``times`` awaits of ``request()``, with the cyclic
+    garbage collector off: only what reference counting frees is freed."""
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(times):
+            await request()
+        await asyncio.sleep(0.05)
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
 async def test_no_body_outlives_its_refusal_with_the_collector_off(app, case):
     """With the cyclic garbage collector off, what a refusal leaves behind is only what reference
@@ -244,20 +261,12 @@ async def test_no_body_outlives_its_refusal_with_the_collector_off(app, case):
     r = await app.client.post(path, content=content, headers={"content-type": ctype})  # (imports, caches)
     assert r.status_code == status
     del r
-    gc.collect()
-    gc.disable()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(2):
-            r = await app.client.post(path, content=content, headers={"content-type": ctype})
-            assert r.status_code == status and len(r.content) < 1024
-            del r
-        await asyncio.sleep(0.05)
-        left = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-        gc.enable()
+
+    async def refused() -> None:
+        r = await app.client.post(path, content=content, headers={"content-type": ctype})
+        assert r.status_code == status and len(r.content) < 1024
+
+    left = await held_after(refused)
     assert left < len(content) // 4, f"{left / MiB:.1f} MiB left behind by 2 refusals of {len(content) / MiB:.1f} MiB"
 
 
@@ -269,18 +278,10 @@ async def test_no_batch_outlives_a_failed_device_call(app, monkeypatch):
         raise RuntimeError("device failure")
 
     monkeypatch.setattr(app.rt.engine, "run", fail)
-    gc.collect()
-    gc.disable()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(2):
-            r = await app.client.post("/v1/grad", content=x, headers={"content-type": "application/x-npy"})
-            assert r.status_code == 500 and r.json()["error"]["code"] == "device_error"
-            del r
-        await asyncio.sleep(0.05)
-        left = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-        gc.enable()
+
+    async def failed() -> None:
+        r = await app.client.post("/v1/grad", content=x, headers={"content-type": "application/x-npy"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "device_error"
+
+    left = await held_after(failed)
     assert left < len(x) // 4, f"{left / MiB:.1f} MiB left behind"
