@@ -10,10 +10,12 @@ memory held by a reference cycle grows by about a body (and what was decoded fro
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -85,6 +87,22 @@ def test_refused_large_bodies_give_their_memory_back(server, case):
     assert info(port)["memory"]["in_use"] == 0
 
 
+@contextlib.contextmanager
+def unread(port: int, request: bytes, n: int = 8) -> Iterator[list[socket.socket]]:
+    """``n`` connections that send ``request`` and do not read (a 4 KiB receive buffer each)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(request)
+            socks.append(s)
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_echoed_values_are_cut_even_to_clients_that_never_read(server):
     """8 large dtype values on sockets that never read: each refusal is a few hundred bytes."""
     port, pid = server
@@ -92,13 +110,7 @@ def test_echoed_values_are_cut_even_to_clients_that_never_read(server):
     request = (f"POST /v1/grad HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
                f"content-length: {len(body)}\r\n\r\n").encode() + body
     start = proc_status_bytes(pid, "VmRSS")
-    socks = []
-    try:
-        for _ in range(8):
-            s = socket.create_connection(("127.0.0.1", port))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.sendall(request)
-            socks.append(s)
+    with unread(port, request) as socks:
         time.sleep(1.0)
         grown = proc_status_bytes(pid, "VmRSS") - start
         print(f"8 x 32 MiB dtype values, unread refusals: RSS {grown / MiB:+.0f} MiB")
@@ -110,9 +122,6 @@ def test_echoed_values_are_cut_even_to_clients_that_never_read(server):
                 head += s.recv(65536)
             length = int(head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
             assert length < 1024
-    finally:
-        for s in socks:
-            s.close()
 
 
 def sockets(pid: int) -> int:
@@ -139,13 +148,7 @@ def test_answers_to_clients_that_stop_reading_are_dropped_with_the_connection(se
     open_before = sockets(pid)
     cut = metric(port, 'surrogate_rejections_total{reason="send_timeout"}')
     start = proc_status_bytes(pid, "VmRSS")
-    socks = []
-    try:
-        for _ in range(8):
-            s = socket.create_connection(("127.0.0.1", port))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.sendall(request)
-            socks.append(s)
+    with unread(port, request):
         deadline = time.monotonic() + 30
         while metric(port, 'surrogate_rejections_total{reason="send_timeout"}') < cut + 8:
             assert time.monotonic() < deadline, "the slow readers were not cut off"
@@ -155,6 +158,3 @@ def test_answers_to_clients_that_stop_reading_are_dropped_with_the_connection(se
         print(f"8 x 16 MiB answers, unread, sockets open: RSS {grown / MiB:+.0f} MiB after the send timeout")
         assert info(port)["memory"]["in_use"] == 0
         assert sockets(pid) == open_before  # (before: 8 more, open as long as the clients were)
-    finally:
-        for s in socks:
-            s.close()
