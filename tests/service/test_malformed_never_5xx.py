@@ -118,6 +118,17 @@ def test_a_npz_member_with_damaged_compressed_data_is_a_422(post, compression):
 HUGE = 4611686018427387904  # 2**62: a zero-size shape NumPy cannot make ("array is too big")
 
 
+def with_x(t: dict, blobs: list[bytes], binary: bool) -> tuple[bytes, dict[str, str]]:
+    """The /v2 request of input ``t`` (its binary data in ``blobs``), with a small ``x`` beside it
+    when ``t`` is another input."""
+    inputs = [t]
+    if t["name"] != "x":
+        x, raw = tensor("x", np.zeros(3, np.float32), binary=binary)
+        inputs.append(x)
+        blobs = [*blobs, raw]
+    return body({"inputs": inputs}, blobs)
+
+
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 @pytest.mark.parametrize("name", ["x", "alpha", "cotangent"])
 def test_a_v2_zero_size_shape_with_a_huge_dimension_is_a_400_naming_the_input(post, name, binary):
@@ -126,13 +137,7 @@ def test_a_v2_zero_size_shape_with_a_huge_dimension_is_a_400_naming_the_input(po
         t["parameters"] = {"binary_data_size": 0}
     else:
         t["data"] = []
-    inputs, blobs = [t], []
-    if name != "x":
-        x, raw = tensor("x", np.zeros(3, np.float32), binary=binary)
-        inputs.append(x)
-        blobs.append(raw)
-    content, headers = body({"inputs": inputs}, blobs)
-    status, doc = post(V2, content, headers)
+    status, doc = post(V2, *with_x(t, [], binary))
     assert status == 400, doc
     assert f"input {name!r}" in doc["error"]
     assert "over the limit" in doc["error"]
@@ -256,11 +261,5 @@ def test_fuzzed_v2_shapes_are_never_a_5xx(post, shape, name, binary, datatype, s
         blobs.append(bytes(nbytes))
     else:
         t["data"] = [0.5] * values
-    inputs = [t]
-    if name != "x":
-        x, raw = tensor("x", np.zeros(3, np.float32), binary=binary)
-        inputs.append(x)
-        blobs.append(raw)
-    content, headers = body({"inputs": inputs}, blobs)
-    status, doc = post(V2, content, headers)
+    status, doc = post(V2, *with_x(t, blobs, binary))
     assert status < 500, (status, doc, shape)
