@@ -290,7 +290,7 @@ class Engine:
     # -- evaluation ---------------------------------------------------------------------------
     def run(self, jobs: Sequence[Job]) -> list[np.ndarray]:
         """Evaluate jobs; one device call per distinct (op, surrogate, dtype). Results in order."""
-        last = self._last_plan
+        last, self._last_plan = self._last_plan, None  # the engine keeps no request's jobs once run
         plan = last[1] if last is not None and last[0] is jobs else self._plan(jobs)
         if len(plan) == 1:  # one group holds every job, in order
             return self._run_group(plan[0])
@@ -330,6 +330,8 @@ class Engine:
                 result = np.asarray(exe(*args))
         else:
             result = np.asarray(exe(*args))
+        if bucket * dt.itemsize >= LET_GO_BYTES:
+            _let_go()
         with self._lock:
             st = self.stats
             st.jobs += len(jobs)
@@ -345,6 +347,23 @@ class Engine:
             outs.append(result[o:o + n].reshape(j.shape))
             o += n
         return outs
+
+
+#: Device calls whose arguments hold at least this many bytes are followed by :func:`_let_go`.
+LET_GO_BYTES = 1 << 20
+
+_release: list[Any] = []  # the compiled scalar identity of _let_go, once made
+_ZERO = np.zeros((), np.float32)
+
+
+def _let_go() -> None:
+    """Let go of the arguments of the last device call. JAX keeps the NumPy arguments of its last
+    dispatch (on the CPU it computes on them in place) until its next one: the padded buffer, or,
+    when a request fills its bucket exactly, a view of the request's own body. One tiny call (a
+    few microseconds) makes it let go, so a large request's memory does not outlive its answer."""
+    if not _release:
+        _release.append(jax.jit(lambda v: v).lower(jax.ShapeDtypeStruct((), np.float32)).compile())
+    _release[0](_ZERO)
 
 
 def _flat(arrays: list[np.ndarray], jobs: list[Job], sizes: list[int], bucket: int, dt: np.dtype,

@@ -51,6 +51,36 @@ class App:
 
 
 #: Open Inference Protocol datatype -> the dtype of its binary tensor data (little-endian)
+async def asgi_post(app, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One POST straight through ``app`` as ASGI (no client objects that could keep the answer):
+    the status and the answer's bytes."""
+    import asyncio
+
+    sent, status, out = False, 0, bytearray()
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(3600)
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            out.extend(message.get("body", b""))
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"test"), *raw, (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    return status, bytes(out)
+
+
 def _wire() -> dict:
     import ml_dtypes
 

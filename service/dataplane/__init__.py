@@ -52,6 +52,7 @@ class DataPlane:
             max_batch_elements=settings.batch_max_elements,
             max_queue=settings.max_queue,
             offload_elements=settings.offload_elements,
+            offload_seconds=settings.offload_seconds,
         )
         self.metrics = Metrics(engine, lambda: self.batcher.depth)
         self.batcher.on_batch = self.metrics.on_batch
@@ -101,7 +102,8 @@ class DataPlane:
             answer = codec.answer_bytes(decoded)
             ticket.require(parsed + working_set(jobs) + answer, "this request")
         results = await self.infer(jobs, codec.endpoint, alone=alone)
-        if n > self.offload_elements or answer > OFFLOAD_BYTES:  # large work, or a large answer to write
+        # a large answer to write, or many numbers to write as text (a binary answer is a copy at most)
+        if answer > OFFLOAD_BYTES or (n > self.offload_elements and not codec.binary_answer(decoded)):
             return await anyio.to_thread.run_sync(codec.encode, decoded, results)
         return codec.encode(decoded, results)
 

@@ -7,11 +7,13 @@ progress, the requests that reach the batcher in the same turn of the event loop
 one batch (and, while a batch computes in a worker thread, the arrivals within ``max_delay``
 seconds). The queue is bounded:
 past ``max_queue`` waiting requests, ``submit`` refuses at once with ``Overloaded`` (503 with
-Retry-After) instead of letting latency grow without bound. Batches above ``offload_elements``
-and batches that need a variant not compiled yet compute in a worker thread, so neither large
-requests nor compilations block the event loop; small warm ones compute inline, which is cheaper
-than a thread hop. A failure in a device call fails only the requests of
-that batch.
+Retry-After) instead of letting latency grow without bound. Batches that need a variant not compiled
+yet, and batches above ``offload_elements`` whose device time is unknown or expected over
+``offload_seconds``, compute in a worker thread, so neither long computations nor compilations block
+the event loop; the others compute inline, which is cheaper than a thread hop (a hop there and back
+costs about as much as computing a few hundred thousand elements of a cheap surrogate). The expected
+time comes from the batches computed so far: per op, surrogate and dtype, seconds per element.
+A failure in a device call fails only the requests of that batch.
 """
 
 from __future__ import annotations
@@ -46,6 +48,40 @@ class BatchStats:
     skipped: int = 0  # batches not computed: every request had gone before their turn
 
 
+class DeviceTimes:
+    """Seconds per element of each kind of job (op, surrogate, dtype), measured on the batches of
+    one kind with at least ``min_elements`` elements (where the per-call overhead no longer counts)
+    and averaged with the earlier ones: a slow or a fast outlier is corrected by the next batch."""
+
+    def __init__(self, min_elements: int = 4096) -> None:
+        self.min_elements = min_elements
+        self._per_element: dict[tuple[str, str, str], float] = {}
+
+    @staticmethod
+    def _kind(job: core.Job) -> tuple[str, str, str]:
+        return job.op, job.surrogate, job.dtype
+
+    def expected(self, jobs: Sequence[core.Job]) -> float | None:
+        """The seconds ``jobs`` are expected to take on the device; None if a kind was never measured."""
+        total = 0.0
+        for j in jobs:
+            per = self._per_element.get(self._kind(j))
+            if per is None:
+                return None
+            total += per * j.size
+        return total
+
+    def record(self, jobs: Sequence[core.Job], elements: int, seconds: float) -> None:
+        if elements < self.min_elements:
+            return
+        kind = self._kind(jobs[0])
+        if any(self._kind(j) != kind for j in jobs):
+            return  # a mixed batch says nothing of one kind alone
+        per = seconds / elements
+        old = self._per_element.get(kind)
+        self._per_element[kind] = per if old is None else (old + per) / 2
+
+
 @dataclass
 class _Item:
     jobs: Sequence[core.Job]
@@ -62,6 +98,7 @@ class Batcher:
         max_batch_elements: int = 1 << 20,
         max_queue: int = 256,
         offload_elements: int = 16384,
+        offload_seconds: float = 0.0003,
         on_batch: Callable[[int, int, float], None] | None = None,
     ) -> None:
         self.engine = engine
@@ -69,6 +106,8 @@ class Batcher:
         self.max_batch_elements = max_batch_elements
         self.max_queue = max_queue
         self.offload_elements = offload_elements
+        self.offload_seconds = offload_seconds
+        self.times = DeviceTimes()
         self.on_batch = on_batch
         self.stats = BatchStats()
         self._pending: list[_Item] = []
@@ -93,8 +132,7 @@ class Batcher:
             self.stats.rejected += 1
             raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
         elements = sum(j.size for j in jobs)
-        if alone and not self._pending and not self._in_flight \
-                and elements <= self.offload_elements and self.engine.is_compiled(jobs):
+        if alone and not self._pending and not self._in_flight and self._inline(jobs, elements):
             # Nothing to gather with: answer at once, inline (no future, no extra turn of the event loop).
             t0 = time.perf_counter()
             try:
@@ -102,7 +140,9 @@ class Batcher:
             except Exception as exc:
                 self._count_failure(1, exc)
                 raise DeviceError(exc) from exc
-            self._count_batch(1, elements, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.times.record(jobs, elements, seconds)
+            self._count_batch(1, elements, seconds)
             return results
         loop = asyncio.get_running_loop()
         item = _Item(jobs, elements, loop.create_future())
@@ -128,6 +168,15 @@ class Batcher:
             # not kept in it, or the three would make a cycle that pins the jobs
             item = None  # type: ignore[assignment]
 
+    def _inline(self, jobs: Sequence[core.Job], elements: int) -> bool:
+        """Whether a batch computes on the event loop: compiled, and small or measured to be quick."""
+        if not self.engine.is_compiled(jobs):
+            return False
+        if elements <= self.offload_elements:
+            return True
+        expected = self.times.expected(jobs)
+        return expected is not None and expected < self.offload_seconds
+
     def _count_batch(self, requests: int, elements: int, seconds: float) -> None:
         self.stats.batches += 1
         self.stats.requests += requests
@@ -150,10 +199,11 @@ class Batcher:
     def _dispatch(self, items: list[_Item]) -> None:
         jobs = [j for it in items for j in it.jobs]
         total = sum(it.elements for it in items)
-        if total > self.offload_elements or not self.engine.is_compiled(jobs):
-            # large, or needs a compilation first: either would hold the event loop too long
+        if not self._inline(jobs, total):
+            # long, or needs a compilation first: either would hold the event loop too long
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._run_thread(items, jobs, total))
+            warm = self.engine.is_compiled(jobs)
+            task = asyncio.get_running_loop().create_task(self._run_thread(items, jobs, total, warm))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
@@ -163,10 +213,13 @@ class Batcher:
             except Exception as exc:
                 self._fail(items, exc)
             else:
-                self._deliver(items, results, total, time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                self.times.record(jobs, total, seconds)
+                self._deliver(items, results, total, seconds)
 
-    async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int) -> None:
+    async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int, warm: bool) -> None:
         t0 = time.perf_counter()
+        device: list[float] = []
 
         def run() -> list[np.ndarray] | None:
             # a worker thread may start this long after it was queued: if every request of the
@@ -174,7 +227,10 @@ class Batcher:
             if all(it.future.done() for it in items):
                 self.stats.skipped += 1
                 return None
-            return self.engine.run(jobs)
+            start = time.perf_counter()
+            results = self.engine.run(jobs)
+            device.append(time.perf_counter() - start)
+            return results
 
         try:
             results = await anyio.to_thread.run_sync(run)
@@ -182,6 +238,8 @@ class Batcher:
             self._fail(items, exc)
         else:
             if results is not None:
+                if warm:  # a first call's compilation is not its device time
+                    self.times.record(jobs, total, device[0])
                 self._deliver(items, results, total, time.perf_counter() - t0)
         finally:
             self._in_flight -= 1

@@ -57,7 +57,15 @@ class Settings(BaseSettings):
         20.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before exiting."
     )
     offload_elements: int = Field(
-        16384, ge=0, description="Batches with more elements than this compute in a worker thread, off the event loop."
+        16384, ge=0,
+        description="Batches of at most this many elements compute on the event loop; larger ones in a worker thread "
+        "unless measured quicker than offload_seconds.",
+    )
+    offload_seconds: float = Field(
+        0.0003, ge=0,
+        description="Batches over offload_elements compute on the event loop when batches of the same op, surrogate "
+        "and dtype measured less than this (seconds, per batch) on the device; else in a worker thread. "
+        "0: always in a worker thread.",
     )
     max_concurrent: int = Field(
         256, ge=1, description="Compute requests handled at once; past it, 503 with Retry-After at once."

@@ -245,3 +245,30 @@ def test_compilations_log_at_debug_only(caplog):
     with caplog.at_level(logging.DEBUG, logger="surrogate_core.engine"):
         sc.Engine(min_bucket=1).run([_grad_of(5)[0]])
     assert any("compiled grad/piecewise_quadratic/float32 bucket=6" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("n", [1 << 20, 1_000_000, 1 << 18])
+def test_a_run_keeps_none_of_its_inputs(n):
+    """Once ``run`` returns and its caller lets go, nothing holds the input: not the engine's plan of
+    the last jobs, nor JAX, which keeps the arguments of its last call (a view of the input itself
+    when it fills its bucket: 2^20, 2^18; the padded copy otherwise)."""
+    import gc
+    import weakref
+
+    eng = sc.Engine()
+
+    def once() -> weakref.ref:
+        x = np.linspace(-1.5, 1.5, n, dtype=np.float32)
+        jobs = [sc.make_job("grad", x, dtype="float32", params={"alpha": 1.0})]
+        assert eng.is_compiled(jobs) in (True, False)  # plans (and so may keep) the jobs
+        (g,) = eng.run(jobs)
+        np.testing.assert_allclose(g, np.where(np.abs(x) <= 1, 1 - np.abs(x), 0), atol=1e-6)
+        return weakref.ref(x)
+
+    once()  # compiled
+    once()  # (JAX's first call of a fresh executable keeps its arguments once, in a cycle)
+    gc.disable()
+    try:
+        assert [once()() is None for _ in range(3)] == [True] * 3
+    finally:
+        gc.enable()

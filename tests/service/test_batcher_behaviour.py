@@ -346,3 +346,91 @@ def test_other_spellings_of_device_oom_are_out_of_memory(message):
 
     assert DeviceError(RuntimeError(message)).resource_exhausted
     assert not DeviceError(RuntimeError("shape mismatch in dot")).resource_exhausted
+
+
+# -- where a batch computes: on the event loop when small or measured quick, else a worker thread --
+
+def _big(n: int, op: str = "grad", surrogate: str = "piecewise_quadratic", alpha: float = 1.0) -> list[core.Job]:
+    x = np.linspace(-1.5, 1.5, n)
+    return [core.make_job(op, x, surrogate=surrogate, dtype="float64", params={"alpha": alpha})]
+
+
+async def _where(b: Batcher, eng: Hooked, jobs: list[core.Job]) -> str:
+    """Submit ``jobs`` alone; "loop" or "thread" for where the engine ran them, results checked."""
+    before = len(eng.calls)
+    (got,) = await b.submit(jobs, alone=True)
+    np.testing.assert_allclose(got, ref("grad", jobs[0].x, 1.0), rtol=1e-12, atol=1e-15)
+    assert len(eng.calls) == before + 1
+    return "loop" if eng.calls[-1][0] == threading.get_ident() else "thread"
+
+
+async def test_a_large_batch_moves_onto_the_loop_once_measured_quick_and_back_when_slow(engine, monkeypatch):
+    """Above offload_elements, a kind never measured computes in a worker thread; measured quicker
+    than offload_seconds, on the loop; measured slower again (the clock says so), back in a thread."""
+    jobs = _big(20_000)
+    for warm in (jobs, _big(10_000)):  # compiled: where they compute is the policy's choice alone
+        engine.run(warm)
+    eng = Hooked(engine)
+    b = Batcher(eng, max_delay=0, offload_elements=10_000, offload_seconds=3600.0)
+    assert b.times.expected(jobs) is None
+    assert await _where(b, eng, jobs) == "thread"  # unknown: off the loop
+    per = b.times.expected(jobs)
+    assert per is not None and per > 0
+    assert await _where(b, eng, jobs) == "loop"  # measured far quicker than an hour
+    assert await _where(b, eng, _big(10_000)) == "loop"  # at the element threshold: always on the loop
+    b.offload_seconds = 0.0  # nothing is quicker than 0 s
+    assert await _where(b, eng, jobs) == "thread"
+    assert await _where(b, eng, _big(10_000)) == "loop"
+    # a slow outlier measured: the kind goes back to a worker thread until measured quick again
+    b.offload_seconds = 3600.0
+    b.times.record(jobs, 20_000, 7200.0 * 3)
+    assert b.times.expected(jobs) > 3600.0
+    assert await _where(b, eng, jobs) == "thread"
+
+
+async def test_each_kind_is_measured_on_its_own(engine):
+    """A measurement of one op, surrogate and dtype says nothing of another: an unmeasured kind, or a
+    batch mixing kinds that are not all measured, computes in a worker thread."""
+    grad, fun = _big(20_000), _big(20_000, op="fun")
+    engine.run(grad)
+    engine.run(fun)
+    eng = Hooked(engine)
+    b = Batcher(eng, max_delay=0, offload_elements=10_000, offload_seconds=3600.0)
+    await b.submit(grad, alone=True)
+    assert b.times.expected(grad) is not None and b.times.expected(fun) is None
+    assert b.times.expected(grad + fun) is None
+    before = len(eng.calls)
+    await b.submit(fun, alone=True)
+    assert eng.calls[before][0] != threading.get_ident()
+    # a mixed batch is computed but not measured: each kind's figure stays its own
+    b2 = Batcher(eng, max_delay=0, offload_elements=0, offload_seconds=3600.0)
+    await b2.submit(grad + fun, alone=True)
+    assert b2.times.expected(grad) is None and b2.times.expected(fun) is None
+
+
+def test_device_times_average_and_ignore_small_batches():
+    from service.dataplane.batching import DeviceTimes
+
+    t = DeviceTimes(min_elements=4096)
+    jobs = _big(8192)
+    t.record(jobs, 4095, 1.0)  # under min_elements: the call's own overhead would dominate
+    assert t.expected(jobs) is None
+    t.record(jobs, 8192, 8192e-9)  # 1 ns per element
+    assert t.expected(jobs) == pytest.approx(8192e-9)
+    t.record(jobs, 8192, 3 * 8192e-9)  # 3 ns: averaged with the last figure, 2 ns
+    assert t.expected(jobs) == pytest.approx(2 * 8192e-9)
+    assert t.expected(jobs + jobs) == pytest.approx(4 * 8192e-9)
+
+
+async def test_a_compilation_is_not_measured_as_device_time():
+    """A batch whose variant is not compiled computes in a worker thread and leaves no figure: its
+    compilation would make the kind look slow."""
+    fresh = core.Engine()
+    jobs = _big(20_000, alpha=1.0)
+    eng = Hooked(fresh)
+    b = Batcher(eng, max_delay=0, offload_elements=0, offload_seconds=3600.0)
+    await b.submit(jobs, alone=True)
+    assert eng.calls[0][0] != threading.get_ident()
+    assert b.times.expected(jobs) is None
+    await b.submit(jobs, alone=True)  # compiled now: measured
+    assert b.times.expected(jobs) is not None

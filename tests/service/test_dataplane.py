@@ -163,3 +163,35 @@ async def test_answers_are_encoded_off_the_loop_by_their_bytes(monkeypatch, n, o
         np.testing.assert_allclose(r.json()["grad"], np.maximum(0, 1 - np.abs(x)), rtol=1e-6, atol=1e-6)
     assert len(threads) == 1
     assert (threads[0] != threading.get_ident()) is off_loop
+
+
+@pytest.mark.parametrize(("n", "accept", "off_loop"), [
+    (200_000, "application/x-npy", False),  # 0.8 MB binary: a copy at most, on the loop
+    (300_000, "application/x-npy", True),  # 1.2 MB: over 1 MiB, in a worker thread
+    (20_000, "application/json", True),  # over offload_elements as text: in a worker thread
+    (16_384, "application/json", False),  # at offload_elements: on the loop
+])
+async def test_binary_answers_are_encoded_on_the_loop_below_a_mebibyte(monkeypatch, n, accept, off_loop):
+    """Text answers go to a worker thread past offload_elements numbers; binary ones only past 1 MiB."""
+    from helpers import App
+    from service.protocols.v1.codec import V1Codec
+
+    threads: list[int] = []
+    encode = V1Codec.encode
+
+    def recording(self, decoded, results):
+        threads.append(threading.get_ident())
+        return encode(self, decoded, results)
+
+    monkeypatch.setattr(V1Codec, "encode", recording)
+    x = np.linspace(-2, 2, n, dtype=np.float32)
+    async with App() as a:
+        buf = io.BytesIO()
+        np.save(buf, x)
+        r = await a.client.post("/v1/grad", content=buf.getvalue(),
+                                headers={"content-type": "application/x-npy", "accept": accept})
+        assert r.status_code == 200, r.text
+        got = np.load(io.BytesIO(r.content)) if accept != "application/json" else np.asarray(r.json()["grad"])
+        np.testing.assert_allclose(got, np.maximum(0, 1 - np.abs(x)), rtol=1e-6, atol=1e-6)
+    assert len(threads) == 1
+    assert (threads[0] != threading.get_ident()) is off_loop

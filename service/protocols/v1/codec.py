@@ -494,6 +494,10 @@ class V1Codec:
         return 0  # answers are not compressed
 
     @staticmethod
+    def binary_answer(decoded: V1Decoded) -> bool:
+        return decoded.npy
+
+    @staticmethod
     def answer_bytes(decoded: V1Decoded) -> int:
         return jobs_answer_bytes(decoded.jobs, json=not decoded.npy)
 

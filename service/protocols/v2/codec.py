@@ -240,6 +240,11 @@ class V2Codec:
         return f"output {decoded.outputs[i][0]!r}"
 
     @staticmethod
+    def binary_answer(decoded: V2Decoded) -> bool:
+        """Whether the answer is binary tensors alone, not compressed (cheap to make)."""
+        return all(b for _, b in decoded.outputs) and _accepted_encoding(decoded.request.accept_encoding) is None
+
+    @staticmethod
     def answer_bytes(decoded: V2Decoded) -> int:
         return _answer_size(decoded) + V2Codec.extra_bytes(decoded)
 
