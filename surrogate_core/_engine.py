@@ -291,7 +291,11 @@ class Engine:
     def run(self, jobs: Sequence[Job]) -> list[np.ndarray]:
         """Evaluate jobs; one device call per distinct (op, surrogate, dtype). Results in order."""
         last = self._last_plan
-        plan = last[1] if last is not None and last[0] is jobs else self._plan(jobs)
+        if last is not None and last[0] is jobs:
+            plan = last[1]
+            self._last_plan = None  # (the jobs' arrays are not kept past their run)
+        else:
+            plan = self._plan(jobs)
         if len(plan) == 1:  # one group holds every job, in order
             return self._run_group(plan[0])
         out: list[np.ndarray | None] = [None] * len(jobs)
