@@ -359,8 +359,8 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
        errors={**shm_errors, 404: _error("No region of that name is registered", "v2")})
     op("POST", shm + "/region/{name}/register", shm_register, protocol="v2", tag=oip, name="v2_shm_register",
        summary="Register a POSIX shared-memory region (its bytes count against the memory budget)",
-       response_model=dict[str, Any], errors={**shm_errors, 503: _error("The memory budget is in use by requests "
-                                                                       "in flight", "v2", retry=True)})
+       response_model=dict[str, Any], strict_content_type=False,  # (tritonclient sends its JSON without a type)
+       errors={**shm_errors, 503: _error("The memory budget is in use by requests in flight", "v2", retry=True)})
     op("POST", shm + "/region/{name}/unregister", shm_region_unregister, protocol="v2", tag=oip,
        name="v2_shm_region_unregister", summary="Unregister a system shared-memory region (unmapped once no "
        "request uses it)", response_model=dict[str, Any], errors=shm_errors)
