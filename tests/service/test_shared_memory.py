@@ -544,3 +544,19 @@ async def test_a_request_cut_off_by_its_deadline_gives_its_leases_back(objs):
         await a.client.post(f"{SHM}/unregister")
         held.go.set()
         assert await unmapped(a, o)
+
+
+async def test_zero_size_and_scalar_tensors_in_regions(objs):
+    """A zero-size input or output takes 0 bytes (at the region's very end too); a scalar its 4."""
+    o = objs(16)
+    o.write(12, np.float32([0.5]))
+    async with App(shared_memory=True) as a:
+        await register(a, "r", o.key, 16)
+        r = await infer(a, [shm_input("x", (0, 3), "r", 0, offset=16)], [shm_output("grad", "r", 0, offset=16)])
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["shape"] == [0, 3]
+        r = await infer(a, [shm_input("x", (), "r", 4, offset=12)], [shm_output("grad", "r", 4, offset=0)])
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["shape"] == []
+        assert np.frombuffer(o.read(0, 4), np.float32)[0] == np.float32(pq_grad(np.float32(0.5), 1.0))
+        assert set(o.read(4, 8)) == {SENTINEL}
