@@ -560,3 +560,19 @@ async def test_zero_size_and_scalar_tensors_in_regions(objs):
         assert r.json()["outputs"][0]["shape"] == []
         assert np.frombuffer(o.read(0, 4), np.float32)[0] == np.float32(pq_grad(np.float32(0.5), 1.0))
         assert set(o.read(4, 8)) == {SENTINEL}
+
+
+async def test_the_endpoints_need_the_token_when_one_is_set(objs):
+    o = objs(64)
+    token = "t" * 24
+    async with App(shared_memory=True, api_token=token) as a:
+        for method, path in (("GET", "/status"), ("GET", "/region/r/status"), ("POST", "/region/r/unregister"),
+                             ("POST", "/unregister")):
+            assert (await a.client.request(method, SHM + path)).status_code == 401
+        r = await register(a, "r", o.key, 64)
+        assert r.status_code == 401
+        assert mapped(o.key) == []
+        r = await a.client.post(f"{SHM}/region/r/register", json={"key": o.key, "byte_size": 64},
+                                headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 200
+        assert len(mapped(o.key)) == 1
