@@ -298,10 +298,11 @@ async def test_inputs_read_from_and_outputs_written_into_regions(objs):
         assert (await register(a, "in", inp.key, 256)).status_code == 200
         assert (await register(a, "ct", ct_obj.key, 64)).status_code == 200
         assert (await register(a, "out", out.key, 200, offset=16)).status_code == 200
-        r = await infer(a, [shm_input("x", X.shape, "in", 32, offset=3), shm_input("alpha", alpha.shape, "in", 8, 64),
-                            shm_input("cotangent", ct.shape, "ct", 64)],
-                        [shm_output("grad", "out", 64, offset=8), {"name": "spike", "parameters": {"binary_data": True}},
-                         shm_output("vjp", "out", 100, offset=100), {"name": "fun"}])
+        inputs = [shm_input("x", X.shape, "in", 32, offset=3), shm_input("alpha", alpha.shape, "in", 8, 64),
+                  shm_input("cotangent", ct.shape, "ct", 64)]
+        outputs = [shm_output("grad", "out", 64, offset=8), {"name": "spike", "parameters": {"binary_data": True}},
+                   shm_output("vjp", "out", 100, offset=100), {"name": "fun"}]
+        r = await infer(a, inputs, outputs)
         assert r.status_code == 200, r.text
         n = int(r.headers["inference-header-content-length"])
         head = orjson.loads(r.content[:n])
@@ -398,7 +399,8 @@ async def test_bounds_past_the_regions_end_are_refused_at_the_edge(objs):
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["outputs"][0]["data"], pq_grad(X, 1.0), rtol=1e-6)
         msg = error(await infer(a, [shm_input("x", X.shape, "r", 32, offset=9)]))
-        assert msg == "input 'x': shared_memory_offset 9 + shared_memory_byte_size 32 is past the end of region 'r' (40 bytes)"
+        assert msg == ("input 'x': shared_memory_offset 9 + shared_memory_byte_size 32 is past the end of region "
+                       "'r' (40 bytes)")
         msg = error(await infer(a, [shm_input("x", X.shape, "r", 32, offset=1 << 62)]))
         assert "is past the end of region 'r' (40 bytes)" in msg
         before = o.read()
