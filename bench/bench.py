@@ -885,6 +885,80 @@ def bench_training_wire(quick: bool, svc: int | None = None) -> tuple[list[list]
     return rows, data
 
 
+# -- shared memory ---------------------------------------------------------------------------------
+
+SHM_SIZES = [16, 1_000, 100_000, 1_000_000]
+SHM_HEADER = ["elements", "in-process core grad ms", "/v2 shared memory ms", "/v2 binary ms", "/v1 .npy ms",
+              "shm ÷ in-process", "shm ÷ /v2 binary"]
+SHM_TITLE = ("Shared memory: /v2 grad with x read from and the result written into POSIX shared memory (Triton's "
+             "system shared-memory extension; a few hundred bytes of JSON each way), beside the in-process call on "
+             "the same array, /v2 binary tensors and /v1 .npy, one kept-alive connection each, paired; answers "
+             "checked against NumPy first")
+
+
+def bench_shared_memory(quick: bool, svc: int | None = None) -> tuple[list[list], dict]:
+    """The same grad at each size four ways: in process (``surrogate_core.grad``), /v2 with x and
+    the result in shared-memory regions, /v2 binary tensors and /v1 .npy, timed round-robin. The
+    regions are registered once per size (as a client that keeps its buffers does); every call of
+    the shared-memory contender is the infer request alone, and the result is read in place. Starts
+    its own server (shared memory on) unless given the port of one that has it on."""
+    from multiprocessing import shared_memory
+
+    import surrogate_core as sc
+
+    rows: list[list] = []
+    data: dict = {}
+    with ExitStack() as stack:
+        if svc is None:
+            svc = free_port()
+            stack.enter_context(server([sys.executable, "-m", "service", "--port", str(svc)], svc, "/readyz",
+                                       {"SURROGATE_LOG_LEVEL": "warning", "SURROGATE_SHARED_MEMORY": "true"}))
+        h = Http(svc)
+        rng = np.random.default_rng(11)
+        for n in SHM_SIZES:
+            x = rng.uniform(-2, 2, n).astype(np.float32)
+            ref = grad_reference(x)
+            region = shared_memory.SharedMemory(create=True, size=2 * x.nbytes)
+            stack.callback(region.unlink)
+            stack.callback(region.close)
+            key = "/" + region.name.lstrip("/")
+            np.ndarray(n, np.float32, region.buf)[:] = x
+            out = np.ndarray(n, np.float32, region.buf, offset=x.nbytes)
+            for name, offset in (("bench_x", 0), ("bench_grad", x.nbytes)):
+                h._call("POST", f"/v2/systemsharedmemory/region/{name}/register",
+                        orjson.dumps({"key": key, "offset": offset, "byte_size": x.nbytes}), {"content-type": JSON})
+            shm_body = orjson.dumps({
+                "inputs": [{"name": "x", "shape": [n], "datatype": "FP32",
+                            "parameters": {"shared_memory_region": "bench_x", "shared_memory_byte_size": x.nbytes}}],
+                "outputs": [{"name": "grad", "parameters": {"shared_memory_region": "bench_grad",
+                                                            "shared_memory_byte_size": x.nbytes}}],
+                "parameters": {"alpha": 1.0}})
+
+            def shm_call(body=shm_body, out=out) -> np.ndarray:
+                h.post_v2(V2_INFER, body, {"content-type": JSON})
+                return out
+
+            v2b, v2b_h = v2_request(x, binary=True)
+            nbody = npy_bytes(x)
+            contenders = [
+                lambda x=x: sc.grad(x, alpha=1.0),
+                shm_call,
+                lambda body=v2b, headers=v2b_h: v2_output(*h.post_v2(V2_INFER, body, headers)),
+                lambda body=nbody: np.load(io.BytesIO(h.post("/v1/grad?alpha=1.0", body, NPY, NPY))),
+            ]
+            for call in contenders:
+                got = np.asarray(call())
+                if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-6, atol=1e-6):
+                    raise RuntimeError(f"shared memory section: an answer at {n:,} elements differs from NumPy")
+            t_in, t_shm, t_bin, t_npy = paired_medians(contenders, repeats_for(n, quick) * 2)
+            h._call("POST", "/v2/systemsharedmemory/unregister", b"", {})
+            data[n] = {"inprocess_s": t_in, "shm_s": t_shm, "v2_binary_s": t_bin, "v1_npy_s": t_npy}
+            rows.append([f"{n:,}", fmt_ms(t_in), fmt_ms(t_shm), fmt_ms(t_bin), fmt_ms(t_npy), f"{t_shm / t_in:.2f}",
+                         f"{t_shm / t_bin:.2f}"])
+            del out
+    return rows, data
+
+
 WIRE_HEADER = ["request", "median ms", "÷ plain http.client .npy", "÷ /v2 binary"]
 WIRE_TITLE = ("9. The client on the wire: SurrogateClient beside plain http.client (16 x 32), and x + cotangent as "
               ".npz beside /v2 binary tensors (1,000,000), one kept-alive connection each, paired")
@@ -901,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="only the /v2 and peer comparison (section 7) and its targets; writes <device>-peers.{md,json}")
     which.add_argument("--training-wire", action="store_true",
                        help="only the client on the wire (section 8) and its targets, printed (nothing written)")
+    which.add_argument("--shared-memory", action="store_true",
+                       help="only the shared-memory section and its targets, printed (nothing written)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     info = machine()
@@ -916,6 +992,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.training_wire:
         rows, results["training_wire"] = bench_training_wire(args.quick)
         emit(table(WIRE_TITLE, WIRE_HEADER, rows))
+        for name, value, op, goal in targets(results):
+            emit(f"- {name}: {value:.2f} (goal {op} {goal})")
+        return 0
+    if args.shared_memory:
+        rows, results["shared_memory"] = bench_shared_memory(args.quick)
+        emit(table(SHM_TITLE, SHM_HEADER, rows))
         for name, value, op, goal in targets(results):
             emit(f"- {name}: {value:.2f} (goal {op} {goal})")
         return 0
@@ -993,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
                    ["surrogate", "/v1/grad requests per step", "median ms", "÷ local", "losses vs local"], torch_rows))
         rows, results["training_wire"] = bench_training_wire(args.quick)
         emit(table(WIRE_TITLE, WIRE_HEADER, rows))
+        rows, results["shared_memory"] = bench_shared_memory(args.quick)
+        emit(table(SHM_TITLE, SHM_HEADER, rows))
 
     trows = []
     for name, value, op, goal in targets(results):
@@ -1098,6 +1182,12 @@ def targets(results: dict) -> list[tuple[str, float | str, str, float]]:
              wire["SurrogateClient.grad + cotangent (.npz), 1,000,000"]
              / wire["/v2 binary tensors, x + cotangent, 1,000,000 (http.client)"], "<=", 1.5),
         ]
+    shm = results.get("shared_memory")
+    if shm:
+        big = shm[1_000_000]
+        out += [("1M-element grad, shared memory in and out ÷ the in-process call on the same array",
+                 big["shm_s"] / big["inprocess_s"], "<=", 1.5),
+                ("1M-element grad, shared memory ÷ /v2 HTTP binary", big["shm_s"] / big["v2_binary_s"], "<=", 0.5)]
     return out
 
 

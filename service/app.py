@@ -30,6 +30,7 @@ from . import __version__
 from .dataplane import DataPlane
 from .dataplane.memory import detect_budget, own_rss
 from .errors import ApiError, shown_field
+from .protocols.shm import Regions
 from .routes import RENDER, add_routes, as_response, protocol_of, validation_error
 from .server.security import token_digests
 from .server.settings import Settings
@@ -98,7 +99,11 @@ def _lifespan(rt: Runtime) -> Any:
         try:
             yield
         finally:
-            await rt.batcher.drain(s.graceful_timeout)
+            try:
+                await rt.batcher.drain(s.graceful_timeout)
+            finally:
+                if rt.shm is not None:  # every region unmapped (each once the requests using it are done)
+                    rt.shm.unregister()
             if warmup is not None and not warmup.done():
                 with contextlib.suppress(BaseException):
                     await warmup
@@ -139,6 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          max_variants=settings.max_variants)
     rt = Runtime(settings=settings, engine=engine, dataplane=DataPlane(settings, engine),
                  token_digests=token_digests(settings.tokens()))
+    if settings.shared_memory:
+        rt.shm = Regions(rt.dataplane.budget, settings.shared_memory_max_regions)
     telemetry = settings.opentelemetry
     app = FastAPI(
         title="surrogate-serve", description=DESCRIPTION, version=__version__,

@@ -37,6 +37,7 @@ from surrogate_core._registry import unknown_message
 from . import __version__
 from .compute import Answer, ComputeEndpoint
 from .errors import ApiError, shown
+from .protocols.shm import Regions, off_error
 from .protocols.v1 import codec as v1
 from .protocols.v2 import codec as v2
 from .schemas import (
@@ -57,6 +58,8 @@ from .schemas import (
     V2RepositoryIndexRequest,
     V2RepositoryModel,
     V2ServerMetadata,
+    V2SharedMemoryRegion,
+    V2SharedMemoryRegister,
 )
 from .server.security import check_token
 from .state import Runtime
@@ -203,7 +206,7 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
     for suffix in ("", "/versions/{version}"):
         path = "/v2/models/{model}" + suffix + "/infer"
         compute.append(ComputeRoute(
-            path, _v2_signature(bool(suffix)), asgi=ComputeEndpoint(v2.V2Codec(rt.dataplane.limits), rt, path),
+            path, _v2_signature(bool(suffix)), asgi=ComputeEndpoint(v2.V2Codec(rt.dataplane.limits, rt.shm), rt, path),
             methods=["POST"],
             tags=["open inference protocol"],
             summary="Inference: spike, grad, fun and vjp of x, as JSON tensors or binary tensor data",
@@ -276,7 +279,8 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
 
     def server_metadata() -> dict[str, Any]:
         return {"name": "surrogate-serve", "version": __version__,
-                "extensions": ["binary_tensor_data", "model_repository"]}
+                "extensions": ["binary_tensor_data", "model_repository"]
+                + (["system_shared_memory"] if rt.shm is not None else [])}
 
     def health_live() -> dict[str, bool]:
         return {"live": True}
@@ -318,6 +322,50 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
         op("GET", base + "/ready", model_ready, protocol="v2", tag=oip, name=f"v2_model_ready{vs}",
            summary="Model readiness", response_model=V2ModelReady,
            errors={404: _error("Unknown model or version", "v2"), 503: _error("Warming up", "v2", retry=True)})
+
+    # Triton's system shared-memory extension (off: every endpoint answers 400) --------------------
+    def regions() -> Regions:
+        if rt.shm is None:
+            raise off_error()
+        return rt.shm
+
+    async def shm_status() -> list[dict[str, Any]]:
+        return regions().status()
+
+    async def shm_region_status(name: str) -> list[dict[str, Any]]:
+        return regions().status(name)
+
+    async def shm_register(name: str, body: Annotated[V2SharedMemoryRegister, Body()]) -> dict[str, Any]:
+        regions().register(name, body.key, body.offset, body.byte_size)
+        return {}
+
+    async def shm_unregister() -> dict[str, Any]:
+        regions().unregister()
+        return {}
+
+    async def shm_region_unregister(name: str) -> dict[str, Any]:
+        regions().unregister(name)
+        return {}
+
+    shm_errors: dict[int | str, dict[str, Any]] = {
+        400: _error("Shared memory is off (SURROGATE_SHARED_MEMORY), or a bad request: the message names the field",
+                    "v2")}
+    shm = "/v2/systemsharedmemory"
+    op("GET", shm + "/status", shm_status, protocol="v2", tag=oip, name="v2_shm_status",
+       summary="Every registered system shared-memory region", response_model=list[V2SharedMemoryRegion],
+       errors=shm_errors)
+    op("GET", shm + "/region/{name}/status", shm_region_status, protocol="v2", tag=oip, name="v2_shm_region_status",
+       summary="One registered system shared-memory region", response_model=list[V2SharedMemoryRegion],
+       errors={**shm_errors, 404: _error("No region of that name is registered", "v2")})
+    op("POST", shm + "/region/{name}/register", shm_register, protocol="v2", tag=oip, name="v2_shm_register",
+       summary="Register a POSIX shared-memory region (its bytes count against the memory budget)",
+       response_model=dict[str, Any], strict_content_type=False,  # (tritonclient sends its JSON without a type)
+       errors={**shm_errors, 503: _error("The memory budget is in use by requests in flight", "v2", retry=True)})
+    op("POST", shm + "/region/{name}/unregister", shm_region_unregister, protocol="v2", tag=oip,
+       name="v2_shm_region_unregister", summary="Unregister a system shared-memory region (unmapped once no "
+       "request uses it)", response_model=dict[str, Any], errors=shm_errors)
+    op("POST", shm + "/unregister", shm_unregister, protocol="v2", tag=oip, name="v2_shm_unregister",
+       summary="Unregister every system shared-memory region", response_model=dict[str, Any], errors=shm_errors)
 
     # the Swagger UI, offline -----------------------------------------------------------------------
     def swagger_ui(request: Request) -> HTMLResponse:

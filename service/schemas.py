@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 from typing_extensions import TypeAliasType
 
 import surrogate_core as core
@@ -356,6 +356,24 @@ class V2InferResponse(BaseModel):
     model_version: str
     id: str | None = None
     outputs: list[V2OutputTensor]
+
+
+class V2SharedMemoryRegister(BaseModel):
+    """A system shared-memory region to register: ``byte_size`` bytes at ``offset`` of the POSIX
+    shared-memory object ``key``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"key": "/surrogate_input", "offset": 0, "byte_size": 4000000}]})
+    key: StrictStr = Field(description="The shared-memory object's key, as shm_open names it (e.g. /input0).")
+    offset: StrictInt = Field(0, ge=0, description="Where the region starts in the object, in bytes.")
+    byte_size: StrictInt = Field(ge=1, description="The region's size in bytes; it must lie within the object.")
+
+
+class V2SharedMemoryRegion(BaseModel):
+    name: str
+    key: str
+    offset: int
+    byte_size: int
 
 
 V2_MODELS: dict[str, Any] = {

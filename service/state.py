@@ -10,6 +10,7 @@ import surrogate_core as core
 from .dataplane import DataPlane
 from .dataplane.batching import Batcher
 from .dataplane.metrics import Metrics
+from .protocols.shm import Regions
 from .server.settings import Settings
 
 __all__ = ["Runtime"]
@@ -21,6 +22,8 @@ class Runtime:
     engine: core.Engine
     dataplane: DataPlane
     token_digests: list[bytes] = field(default_factory=list)
+    #: the system shared-memory regions (None: SURROGATE_SHARED_MEMORY is off)
+    shm: Regions | None = None
 
     @property
     def batcher(self) -> Batcher:

@@ -16,7 +16,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 @pytest.fixture(scope="session")
 def shared_server() -> Iterator[tuple[str, object]]:
-    """``python -m service`` with the default settings (log level warning) on a free loopback port, started
+    """``python -m service`` with the default settings (log level warning; system shared memory on, for the
+    documentation's snippets) on a free loopback port, started
     when a test first asks for it and shared by the whole session: ``(base_url, process)``.
 
     For tests that send requests and read the answers. A test that needs settings of its own, stops or
@@ -24,7 +25,7 @@ def shared_server() -> Iterator[tuple[str, object]]:
     a server of its own with ``liveserver.running_server(**settings)``."""
     from liveserver import running_server
 
-    with running_server(log_level="warning") as (base, proc):
+    with running_server(log_level="warning", shared_memory=True) as (base, proc):
         # read its output as it comes, so that a long session's log lines never fill the pipe and block it
         tail: deque[str] = deque(maxlen=200)
         reader = threading.Thread(target=lambda: tail.extend(proc.stdout), name="shared-server-output", daemon=True)

@@ -127,6 +127,14 @@ class Settings(BaseSettings):
         description="Bytes of request and answer data held at once; unset: the container's memory limit "
         "minus the process's own footprint and a margin.",
     )
+    shared_memory: bool = Field(
+        False,
+        description="Serve Triton's system shared-memory extension (/v2/systemsharedmemory): clients on this host "
+        "register POSIX shared-memory regions that /v2 infer requests read inputs from and write outputs into.",
+    )
+    shared_memory_max_regions: int = Field(
+        64, ge=1, description="Shared-memory regions registered at once; past it, registering one more is a 400."
+    )
     shutdown_drain: float = Field(
         0.5,
         ge=0,

@@ -17,7 +17,7 @@ import math
 import re
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
@@ -42,6 +42,9 @@ from ..tensors.arrays import (
 )
 from ..tensors.fastjson import simdjson
 from ..tensors.npy import jobs_answer_bytes
+
+if TYPE_CHECKING:
+    from ..shm import Regions, Target
 
 __all__ = ["DATATYPES", "MAX_ID_BYTES", "OUTPUTS", "V2Codec", "describe_model", "model", "render_error"]
 
@@ -129,7 +132,7 @@ def _shape(t: dict[str, Any], name: str, limits: Limits) -> tuple[int, ...]:
 
 
 def _decode_input(
-    t: Any, i: int, rest: memoryview, offset: int, careful: bool, limits: Limits
+    t: Any, i: int, rest: memoryview, offset: int, careful: bool, limits: Limits, regions: Regions | None = None
 ) -> tuple[str, np.ndarray, str, int]:
     """One input tensor: (name, array, its datatype as a core dtype name, offset past its binary data)."""
     if not isinstance(t, dict):
@@ -150,6 +153,13 @@ def _decode_input(
     params = t.get("parameters") or {}
     if not isinstance(params, dict):
         raise _bad(f"input {shown(name)}: 'parameters' must be an object", name)
+    if "shared_memory_region" in params:  # read in place from a registered region: no data, no binary entry
+        if regions is None:
+            raise _off(name)
+        if "data" in t or "binary_data_size" in params:
+            raise _bad(f"input {shown(name)}: has shared_memory_region and also "
+                       f"{'data' if 'data' in t else 'binary_data_size'}; send one", name)
+        return name, regions.input_array(name, params, _WIRE[dtype], shape), dtype, offset
     size = params.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0:
@@ -199,9 +209,12 @@ class V2Request:
 
 
 class V2Decoded:
+    """A decoded infer request. ``outputs``: ``(name, binary, target)`` per requested output, in
+    order, ``target`` the shared-memory region it is written into (no data in the answer), or None."""
+
     __slots__ = ("request", "req", "outputs", "jobs")
 
-    def __init__(self, request: V2Request, req: dict[str, Any], outputs: list[tuple[str, bool]],
+    def __init__(self, request: V2Request, req: dict[str, Any], outputs: list[tuple[str, bool, Target | None]],
                  jobs: list[core.Job]) -> None:
         self.request = request
         self.req = req
@@ -217,8 +230,9 @@ class V2Codec:
     endpoint = "infer"
     job_index = False
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, regions: Regions | None = None) -> None:
         self.limits = limits
+        self.regions = regions  # the shared-memory regions (None: shared memory is off)
 
     render_error = staticmethod(render_error)
 
@@ -232,7 +246,7 @@ class V2Codec:
 
     def decode(self, request: V2Request, body: bytes) -> V2Decoded:
         head_end = _head_end(request.head_length, len(body))
-        req, outputs, jobs = _decode(request.model, body, head_end, self.limits)
+        req, outputs, jobs = _decode(request.model, body, head_end, self.limits, self.regions)
         return V2Decoded(request, req, outputs, jobs)
 
     @staticmethod
@@ -264,7 +278,8 @@ class V2Codec:
 
 def _answer_size(decoded: V2Decoded) -> int:
     """An upper estimate of an answer's bytes (twice for text, which is built in a growing buffer)."""
-    return jobs_answer_bytes(decoded.jobs, json=not all(b for _, b in decoded.outputs))
+    jobs = [j for j, (_, _, target) in zip(decoded.jobs, decoded.outputs, strict=True) if target is None]
+    return jobs_answer_bytes(jobs, json=not all(b for _, b, target in decoded.outputs if target is None))
 
 
 def _head_end(raw: str | None, size: int) -> int:
@@ -280,10 +295,11 @@ def _head_end(raw: str | None, size: int) -> int:
     return n
 
 
-def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits
-            ) -> tuple[dict[str, Any], list[tuple[str, bool]], list[core.Job]]:
+def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits, regions: Regions | None = None
+            ) -> tuple[dict[str, Any], list[tuple[str, bool, Target | None]], list[core.Job]]:
     """An infer request's JSON header (``body[:head_end]``) and binary tensors (the rest) into core
-    jobs, one per requested output."""
+    jobs, one per requested output; inputs and outputs that name a shared-memory region are read
+    from and go to ``regions``."""
     if head_end == len(body):  # JSON alone (no binary tensors): no copy
         head, rest = body, memoryview(b"")
     else:
@@ -320,7 +336,7 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits
     dtype = "float32"
     offset = 0
     for i, t in enumerate(inputs):
-        name, a, dt, offset = _decode_input(t, i, rest, offset, careful, limits)
+        name, a, dt, offset = _decode_input(t, i, rest, offset, careful, limits, regions)
         if name == "x":
             dtype = dt  # the computation (and output) dtype is x's datatype
         if name in arrays:
@@ -358,9 +374,9 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits
     cot = arrays.pop("cotangent", None)
     x = arrays.pop("x")
     params.update(arrays)
-    outputs = _requested(req.get("outputs"), sur, cot is not None, binary_all)
+    requested = _requested(req.get("outputs"), sur, cot is not None, binary_all, regions is not None)
     jobs = []
-    for out_name, _ in outputs:
+    for out_name, _, _ in requested:
         try:
             job = core.make_job(OUTPUTS[out_name], x, surrogate=sur.name, dtype=dtype, params=params,
                                 cotangent=cot if out_name == "vjp" else None, limits=limits.core)
@@ -369,6 +385,13 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits
             where = f"{kind} {exc.field!r}: " if exc.field else ""
             raise ApiError(400, where + exc.message, field=exc.field, code=exc.code) from None
         jobs.append(job)
+    outputs: list[tuple[str, bool, Target | None]] = []
+    for (out_name, binary, shm), job in zip(requested, jobs, strict=True):  # checked before computing
+        target = None
+        if shm is not None:
+            assert regions is not None
+            target = regions.output_target(out_name, shm, job.size * _WIRE[job.dtype].itemsize)
+        outputs.append((out_name, binary, target))
     return req, outputs, jobs
 
 
@@ -505,13 +528,16 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_all: bool) -> list[tuple[str, bool]]:
+def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_all: bool, shm: bool = False
+               ) -> list[tuple[str, bool, dict[str, Any] | None]]:
+    """``(name, binary, parameters)`` of each requested output, ``parameters`` where it names a
+    shared-memory region (else None)."""
     if outputs is None:
         names = ["spike", "grad"] + (["fun"] if sur.fun is not None else []) + (["vjp"] if has_cotangent else [])
-        return [(n, binary_all) for n in names]
+        return [(n, binary_all, None) for n in names]
     if not isinstance(outputs, list) or not outputs:
         raise _bad("'outputs' must be a non-empty list of {\"name\": ...} objects (or absent for every output)")
-    out: list[tuple[str, bool]] = []
+    out: list[tuple[str, bool, dict[str, Any] | None]] = []
     seen: set[str] = set()
     for i, o in enumerate(outputs):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
@@ -533,24 +559,39 @@ def _requested(outputs: Any, sur: core.Surrogate, has_cotangent: bool, binary_al
         p = o.get("parameters") or {}
         if not isinstance(p, dict):
             raise _bad(f"output {shown(name)}: 'parameters' must be an object", name)
-        binary = p.get("binary_data", binary_all)
+        region = "shared_memory_region" in p
+        binary = p.get("binary_data", False if region else binary_all)
         if not isinstance(binary, bool):
             raise _bad(f"output {shown(name)}: binary_data must be true or false", name)
-        out.append((name, binary))
+        if region:
+            if not shm:
+                raise _off(name, "output")
+            if binary:
+                raise _bad(f"output {shown(name)}: has shared_memory_region and binary_data true; ask for one", name)
+        out.append((name, binary, p if region else None))
     return out
 
 
-def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogate, outputs: list[tuple[str, bool]],
-            jobs: list[core.Job], results: list[np.ndarray]) -> Answer:
+def _off(name: str, kind: str = "input") -> ApiError:
+    return _bad(f"{kind} {shown(name)}: names a shared memory region, but system shared memory is off on this "
+                "server (SURROGATE_SHARED_MEMORY=true turns it on)", name)
+
+
+def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogate,
+            outputs: list[tuple[str, bool, Target | None]], jobs: list[core.Job], results: list[np.ndarray]) -> Answer:
     descr: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
-    for (name, binary), job, res in zip(outputs, jobs, results, strict=True):
+    writes: list[tuple[Target, np.ndarray, np.dtype, str]] = []  # made once every output is checked
+    for (name, binary, target), job, res in zip(outputs, jobs, results, strict=True):
         if job.op != "spike":  # spikes are 0 or 1, always finite
-            check_finite(job, res, text=not binary, where=f"output {shown(name)}", job_index=None,
+            check_finite(job, res, text=not (binary or target), where=f"output {shown(name)}", job_index=None,
                          hint="ask for binary data (parameters.binary_data)")
         datatype = _NAMES[job.dtype]
         out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(res.shape)}
-        if binary:
+        if target is not None:  # written into its region: no data in the answer
+            writes.append((target, res, _WIRE[job.dtype], name))
+            out["parameters"] = target.parameters()
+        elif binary:
             data = np.ascontiguousarray(res, dtype=_WIRE[job.dtype])
             out["parameters"] = {"binary_data_size": data.nbytes}
             chunks.append(data.reshape(-1).view(np.uint8).data)
@@ -561,6 +602,8 @@ def _encode(accept_encoding: str | None, req: dict[str, Any], sur: core.Surrogat
                 )
             out["data"] = for_json(res.reshape(-1))
         descr.append(out)
+    for target, res, wire, name in writes:
+        target.write(res, wire, name)
     answer: dict[str, Any] = {"model_name": sur.name, "model_version": VERSION}
     if "id" in req:
         answer["id"] = req["id"]
