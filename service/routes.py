@@ -57,6 +57,7 @@ from .schemas import (
     V2RepositoryIndexRequest,
     V2RepositoryModel,
     V2ServerMetadata,
+    V2StatisticsResponse,
 )
 from .server.security import check_token
 from .state import Runtime
@@ -276,7 +277,7 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
 
     def server_metadata() -> dict[str, Any]:
         return {"name": "surrogate-serve", "version": __version__,
-                "extensions": ["binary_tensor_data", "model_repository"]}
+                "extensions": ["binary_tensor_data", "model_repository", "statistics"]}
 
     def health_live() -> dict[str, bool]:
         return {"live": True}
@@ -309,6 +310,17 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
     op("POST", "/v2/repository/index", repository_index, protocol="v2", tag=oip, name="v2_repository_index",
        summary="Every model (surrogate) and its state", response_model=list[V2RepositoryModel],
        errors={400: _error("Malformed body", "v2")})
+    def statistics(model: str | None = None, version: str | None = None) -> dict[str, Any]:
+        return rt.dataplane.stats.snapshot(model, version)
+
+    # (before /v2/models/{model}, which "stats" would match)
+    op("GET", "/v2/models/stats", statistics, protocol="v2", tag=oip, name="v2_statistics",
+       summary="Statistics of every model (Triton's statistics extension)", response_model=V2StatisticsResponse)
+    for suffix in ("", "/versions/{version}"):
+        op("GET", "/v2/models/{model}" + suffix + "/stats", statistics, protocol="v2", tag=oip,
+           name="v2_model_statistics" + ("_version" if suffix else ""),
+           summary="Statistics of a model: requests, failures, queue and compute times",
+           response_model=V2StatisticsResponse, errors={404: _error("Unknown model or version", "v2")})
     for suffix in ("", "/versions/{version}"):
         base = "/v2/models/{model}" + suffix
         vs = "_version" if suffix else ""

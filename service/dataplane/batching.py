@@ -28,7 +28,7 @@ import numpy as np
 
 import surrogate_core as core
 
-__all__ = ["Batcher", "Overloaded", "BatchStats"]
+__all__ = ["Batcher", "Overloaded", "BatchStats", "Timing"]
 
 log = logging.getLogger("service.batching")
 
@@ -51,6 +51,17 @@ class _Item:
     jobs: Sequence[core.Job]
     elements: int
     future: asyncio.Future = field(repr=False)
+    ns: int = 0  # the device call's duration, once computed
+
+
+class Timing:
+    """What ``Batcher.submit`` tells of a request's computation: ``device_ns``, the duration of the
+    engine call that computed it (with the other requests of its batch)."""
+
+    __slots__ = ("device_ns",)
+
+    def __init__(self) -> None:
+        self.device_ns = 0
 
 
 class Batcher:
@@ -63,6 +74,7 @@ class Batcher:
         max_queue: int = 256,
         offload_elements: int = 16384,
         on_batch: Callable[[int, int, float], None] | None = None,
+        on_execution: Callable[[Sequence[core.Job]], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_delay = max_delay
@@ -70,6 +82,7 @@ class Batcher:
         self.max_queue = max_queue
         self.offload_elements = offload_elements
         self.on_batch = on_batch
+        self.on_execution = on_execution  # each engine call's jobs (the per-model statistics)
         self.stats = BatchStats()
         self._pending: list[_Item] = []
         self._pending_elements = 0
@@ -83,12 +96,13 @@ class Batcher:
         """Requests submitted and not yet answered (queued or computing)."""
         return self._waiting
 
-    async def submit(self, jobs: Sequence[core.Job], *, alone: bool = False) -> list[np.ndarray]:
+    async def submit(self, jobs: Sequence[core.Job], *, alone: bool = False,
+                     timing: Timing | None = None) -> list[np.ndarray]:
         """The results of ``jobs``. ``alone``: no other request is in progress, so there is nothing
         to gather with (a warm, small batch then computes at once, inline). Otherwise the request
         joins the next batch: every request that reaches the batcher in the same turn of the event
         loop (or, while a batch computes in a worker thread, within ``max_delay``) is computed in
-        the same device call."""
+        the same device call. ``timing``, when given, learns the device call's duration."""
         if self._waiting >= self.max_queue:
             self.stats.rejected += 1
             raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
@@ -96,13 +110,16 @@ class Batcher:
         if alone and not self._pending and not self._in_flight \
                 and elements <= self.offload_elements and self.engine.is_compiled(jobs):
             # Nothing to gather with: answer at once, inline (no future, no extra turn of the event loop).
-            t0 = time.perf_counter()
+            t0 = time.perf_counter_ns()
             try:
                 results = self.engine.run(jobs)
             except Exception as exc:
                 self._count_failure(1, exc)
                 raise DeviceError(exc) from exc
-            self._count_batch(1, elements, time.perf_counter() - t0)
+            ns = time.perf_counter_ns() - t0
+            self._count_batch(1, elements, ns, jobs)
+            if timing is not None:
+                timing.device_ns = ns
             return results
         loop = asyncio.get_running_loop()
         item = _Item(jobs, elements, loop.create_future())
@@ -121,18 +138,23 @@ class Batcher:
                         self._handle = loop.call_soon(self._flush)
                     else:  # the device is busy anyway: gather arrivals for a while
                         self._handle = loop.call_later(self.max_delay, self._flush)
-            return await item.future
+            results = await item.future
+            if timing is not None:
+                timing.device_ns = item.ns
+            return results
         finally:
             self._waiting -= 1
             # a failure's traceback holds this frame: the future (which holds the failure) is
             # not kept in it, or the three would make a cycle that pins the jobs
             item = None  # type: ignore[assignment]
 
-    def _count_batch(self, requests: int, elements: int, seconds: float) -> None:
+    def _count_batch(self, requests: int, elements: int, ns: int, jobs: Sequence[core.Job]) -> None:
         self.stats.batches += 1
         self.stats.requests += requests
         if self.on_batch is not None:
-            self.on_batch(requests, elements, seconds)
+            self.on_batch(requests, elements, ns / 1e9)
+        if self.on_execution is not None:
+            self.on_execution(jobs)
 
     def _count_failure(self, requests: int, exc: Exception) -> None:
         self.stats.failures += 1
@@ -157,41 +179,43 @@ class Batcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            t0 = time.perf_counter()
+            t0 = time.perf_counter_ns()
             try:
                 results = self.engine.run(jobs)
             except Exception as exc:
                 self._fail(items, exc)
             else:
-                self._deliver(items, results, total, time.perf_counter() - t0)
+                self._deliver(items, jobs, results, total, time.perf_counter_ns() - t0)
 
     async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int) -> None:
-        t0 = time.perf_counter()
-
-        def run() -> list[np.ndarray] | None:
+        def run() -> tuple[list[np.ndarray], int] | None:
             # a worker thread may start this long after it was queued: if every request of the
             # batch has gone (timed out, disconnected) meanwhile, its work is not done at all
             if all(it.future.done() for it in items):
                 self.stats.skipped += 1
                 return None
-            return self.engine.run(jobs)
+            t0 = time.perf_counter_ns()  # the engine call alone (the wait for a thread is queueing)
+            results = self.engine.run(jobs)
+            return results, time.perf_counter_ns() - t0
 
         try:
-            results = await anyio.to_thread.run_sync(run)
+            done = await anyio.to_thread.run_sync(run)
         except Exception as exc:
             self._fail(items, exc)
         else:
-            if results is not None:
-                self._deliver(items, results, total, time.perf_counter() - t0)
+            if done is not None:
+                self._deliver(items, jobs, done[0], total, done[1])
         finally:
             self._in_flight -= 1
 
-    def _deliver(self, items: list[_Item], results: list[np.ndarray], total: int, seconds: float) -> None:
-        self._count_batch(len(items), total, seconds)
+    def _deliver(self, items: list[_Item], jobs: list[core.Job], results: list[np.ndarray], total: int,
+                 ns: int) -> None:
+        self._count_batch(len(items), total, ns, jobs)
         o = 0
         for it in items:
             k = len(it.jobs)
             if not it.future.done():
+                it.ns = ns
                 it.future.set_result(results[o:o + k])
             o += k
 
