@@ -86,7 +86,8 @@ class Stats:
             for name, n in counts.items():
                 self._success(self._model(name), n, t0, t1, t2, t3, device_ns)
         elif jobs:
-            self._success(self._model(jobs[0].surrogate), 1, t0, t1, t2, t3, device_ns)
+            name = jobs[0].surrogate
+            self._success(self._models.get(name) or self._model(name), 1, t0, t1, t2, t3, device_ns)
 
     @staticmethod
     def _success(m: _Model, n: int, t0: int, t1: int, t2: int, t3: int, device_ns: int) -> None:
@@ -117,11 +118,12 @@ class Stats:
 
     def executed(self, jobs: Sequence[core.Job]) -> None:
         """One engine call computed ``jobs``: an execution of each model among them."""
-        first = jobs[0].surrogate if jobs else None
-        if first is None:
+        if not jobs:
             return
-        if all(j.surrogate == first for j in jobs):
-            self._model(first).executions += 1
+        first = jobs[0].surrogate
+        if len(jobs) == 1 or all(j.surrogate == first for j in jobs):
+            m = self._models.get(first) or self._model(first)
+            m.executions += 1
             return
         for name in {j.surrogate for j in jobs}:
             self._model(name).executions += 1
