@@ -310,14 +310,20 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
     op("POST", "/v2/repository/index", repository_index, protocol="v2", tag=oip, name="v2_repository_index",
        summary="Every model (surrogate) and its state", response_model=list[V2RepositoryModel],
        errors={400: _error("Malformed body", "v2")})
-    def statistics(model: str | None = None, version: str | None = None) -> dict[str, Any]:
+    def statistics() -> dict[str, Any]:
+        return rt.dataplane.stats.snapshot()
+
+    def model_statistics(model: str) -> dict[str, Any]:
+        return rt.dataplane.stats.snapshot(model)
+
+    def model_version_statistics(model: str, version: str) -> dict[str, Any]:
         return rt.dataplane.stats.snapshot(model, version)
 
     # (before /v2/models/{model}, which "stats" would match)
     op("GET", "/v2/models/stats", statistics, protocol="v2", tag=oip, name="v2_statistics",
        summary="Statistics of every model (Triton's statistics extension)", response_model=V2StatisticsResponse)
-    for suffix in ("", "/versions/{version}"):
-        op("GET", "/v2/models/{model}" + suffix + "/stats", statistics, protocol="v2", tag=oip,
+    for suffix, endpoint in (("", model_statistics), ("/versions/{version}", model_version_statistics)):
+        op("GET", "/v2/models/{model}" + suffix + "/stats", endpoint, protocol="v2", tag=oip,
            name="v2_model_statistics" + ("_version" if suffix else ""),
            summary="Statistics of a model: requests, failures, queue and compute times",
            response_model=V2StatisticsResponse, errors={404: _error("Unknown model or version", "v2")})

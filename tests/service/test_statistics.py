@@ -172,6 +172,13 @@ async def test_the_routes_answer_as_triton_does():
         r = await a.client.get("/v2/models/sigmoid/versions/2/stats")
         assert r.status_code == 404
         assert r.json() == {"error": "model 'sigmoid' has no version '2' (versions: 1)"}
+        # the model and version are path segments only (a query names nothing)
+        r = await a.client.get("/v2/models/stats?model=sigmoid&version=2")
+        assert r.status_code == 200
+        assert [m["name"] for m in r.json()["model_stats"]] == [m["name"] for m in everything]
+        for route in ("/v2/models/stats", "/v2/models/{model}/stats", "/v2/models/{model}/versions/{version}/stats"):
+            params = a.app.openapi()["paths"][route]["get"].get("parameters", [])
+            assert [p["in"] for p in params] == ["path"] * route.count("{")
         assert "statistics" in (await a.client.get("/v2")).json()["extensions"]
         assert (await a.client.get("/v2/models/sigmoid")).json()["name"] == "sigmoid"  # metadata still there
 
