@@ -95,6 +95,32 @@ async def test_exact_counts_after_known_requests():
             assert entry["batch_stats"] == []
 
 
+async def test_a_request_past_its_time_limit_or_refused_for_memory_is_a_failure_of_its_model():
+    async with App(request_timeout=0.2, offload_elements=0, memory_budget=1 << 20) as a:
+        real = a.rt.engine.run
+
+        def slow(jobs):  # in a worker thread (offload_elements=0): the deadline cancels the request meanwhile
+            time.sleep(0.6)
+            return real(jobs)
+
+        a.rt.engine.run = slow
+        r = await a.client.post("/v2/models/soft_sign/infer", content=v2([1.0]))
+        assert r.status_code == 503
+        assert "longer than 0.2 s" in r.json()["error"]
+        for _ in range(200):  # the device call goes on in its thread: it ran, and counts as an execution
+            if a.rt.batcher.stats.batches:
+                break
+            await asyncio.sleep(0.05)
+        a.rt.engine.run = real
+        assert a.budget.try_acquire(a.budget.capacity - 1000)  # the budget is in use by others
+        r = await a.client.post("/v2/models/soft_sign/infer", content=v2([1.0] * 100))
+        assert r.status_code == 503
+        assert "memory budget" in r.json()["error"]
+        entry = await stats(a, "soft_sign")
+        assert counts(entry) == {"success": 0, "fail": 2, "inferences": 0, "executions": 1}
+        assert entry["inference_stats"]["fail"]["ns"] >= 200_000_000  # the first waited for its deadline
+
+
 async def stats_auth(a, model, headers):
     r = await a.client.get(f"/v2/models/{model}/stats", headers=headers)
     assert r.status_code == 200, r.text
