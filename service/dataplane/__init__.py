@@ -40,7 +40,7 @@ from .batching import Batcher, DeviceError, Overloaded, Timing
 from .limits import Limits
 from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
-from .stats import Stats
+from .stats import Mark, Stats
 
 __all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Deadlines", "Limits", "Ticket", "working_set"]
 
@@ -96,39 +96,38 @@ class DataPlane:
         jobs once decoded (each job an inference of its own where the codec's errors name job
         indices, ``/v1``; else the request one inference of its model), and before that, when it
         fails, under its request's ``model`` (a ``core.Surrogate``), where the codec's request has one."""
-        clock = time.perf_counter_ns
-        t0 = clock()
-        jobs = None
+        mark = Mark(time.perf_counter_ns())
         try:
-            size = len(body)
-            parsed = size + codec.parse_bytes(request, body)
-            ticket.require(parsed, "decoding a body")
-            if size > OFFLOAD_BYTES:
-                decoded = await anyio.to_thread.run_sync(codec.decode, request, body)
-            else:
-                decoded = codec.decode(request, body)
-            jobs = decoded.jobs
-            n = self.check(jobs, where=lambda i: codec.where(decoded, i), job_index=codec.job_index)
-            answer = 0  # (small requests: small answers)
-            if n <= SMALL_ELEMENTS:  # a cheap bound for small requests: padded buffers and answers are small
-                ticket.require(parsed + SMALL_JOB_BYTES * len(jobs) + 96 * n + codec.extra_bytes(decoded),
-                               "this request")
-            else:
-                answer = codec.answer_bytes(decoded)
-                ticket.require(parsed + working_set(jobs) + answer, "this request")
-            t1 = clock()
-            timing = Timing()
-            results = await self.infer(jobs, codec.endpoint, alone=alone, timing=timing)
-            t2 = clock()
-            if n > self.offload_elements or answer > OFFLOAD_BYTES:  # large work, or a large answer to write
-                encoded = await anyio.to_thread.run_sync(codec.encode, decoded, results)
-            else:
-                encoded = codec.encode(decoded, results)
+            answer = await self._serve(codec, request, body, ticket, alone, mark)
         except BaseException:  # (not bound to a name: the frame holds no exception)
-            self.stats.failed(request, jobs, t0)
+            self.stats.failed(request, mark)
             raise
-        self.stats.succeeded(jobs, codec.job_index, t0, t1, t2, clock(), timing.device_ns)
-        return encoded
+        self.stats.succeeded(mark, codec.job_index, time.perf_counter_ns())
+        return answer
+
+    async def _serve(self, codec: Any, request: Any, body: bytes, ticket: Ticket, alone: bool | None,
+                     mark: Mark) -> Any:
+        size = len(body)
+        parsed = size + codec.parse_bytes(request, body)
+        ticket.require(parsed, "decoding a body")
+        if size > OFFLOAD_BYTES:
+            decoded = await anyio.to_thread.run_sync(codec.decode, request, body)
+        else:
+            decoded = codec.decode(request, body)
+        jobs = mark.jobs = decoded.jobs
+        n = self.check(jobs, where=lambda i: codec.where(decoded, i), job_index=codec.job_index)
+        answer = 0  # (small requests: small answers)
+        if n <= SMALL_ELEMENTS:  # a cheap bound for small requests: padded buffers and answers are small
+            ticket.require(parsed + SMALL_JOB_BYTES * len(jobs) + 96 * n + codec.extra_bytes(decoded), "this request")
+        else:
+            answer = codec.answer_bytes(decoded)
+            ticket.require(parsed + working_set(jobs) + answer, "this request")
+        mark.t1 = time.perf_counter_ns()
+        results = await self.infer(jobs, codec.endpoint, alone=alone, timing=mark)
+        mark.t2 = time.perf_counter_ns()
+        if n > self.offload_elements or answer > OFFLOAD_BYTES:  # large work, or a large answer to write
+            return await anyio.to_thread.run_sync(codec.encode, decoded, results)
+        return codec.encode(decoded, results)
 
     def check(self, jobs: Sequence[core.Job], *, where: Callable[[int], str], job_index: bool = True) -> int:
         """The limits of a request's jobs (``Limits.jobs``). Returns the elements."""
@@ -138,8 +137,8 @@ class DataPlane:
     async def infer(self, jobs: Sequence[core.Job], endpoint: str, *, alone: bool | None = None,
                     timing: Timing | None = None) -> list[np.ndarray]:
         """The results of ``jobs``, in order (through the batcher, which computes a request alone at
-        once and gathers concurrent ones into one device call); ``timing`` learns the device call's
-        duration."""
+        once and gathers concurrent ones into one device call); ``timing`` learns the engine call's
+        time."""
         # the errors are raised after their ``except`` blocks: a frame left by an exception raised
         # inside one holds the exception caught, whose traceback holds the frame (a cycle)
         overloaded: str | None = None

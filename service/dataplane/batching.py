@@ -51,17 +51,18 @@ class _Item:
     jobs: Sequence[core.Job]
     elements: int
     future: asyncio.Future = field(repr=False)
-    ns: int = 0  # the device call's duration, once computed
+    seconds: float = 0.0  # its batch's time, once computed
 
 
 class Timing:
-    """What ``Batcher.submit`` tells of a request's computation: ``device_ns``, the duration of the
-    engine call that computed it (with the other requests of its batch)."""
+    """What ``Batcher.submit`` tells of a request's computation: ``seconds``, the time of the engine
+    call that computed it (with the other requests of its batch; for a batch in a worker thread,
+    from its dispatch)."""
 
-    __slots__ = ("device_ns",)
+    __slots__ = ("seconds",)
 
     def __init__(self) -> None:
-        self.device_ns = 0
+        self.seconds = 0.0
 
 
 class Batcher:
@@ -102,7 +103,7 @@ class Batcher:
         to gather with (a warm, small batch then computes at once, inline). Otherwise the request
         joins the next batch: every request that reaches the batcher in the same turn of the event
         loop (or, while a batch computes in a worker thread, within ``max_delay``) is computed in
-        the same device call. ``timing``, when given, learns the device call's duration."""
+        the same device call. ``timing``, when given, learns the engine call's time."""
         if self._waiting >= self.max_queue:
             self.stats.rejected += 1
             raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
@@ -110,16 +111,18 @@ class Batcher:
         if alone and not self._pending and not self._in_flight \
                 and elements <= self.offload_elements and self.engine.is_compiled(jobs):
             # Nothing to gather with: answer at once, inline (no future, no extra turn of the event loop).
-            t0 = time.perf_counter_ns()
+            t0 = time.perf_counter()
             try:
                 results = self.engine.run(jobs)
             except Exception as exc:
                 self._count_failure(1, exc)
                 raise DeviceError(exc) from exc
-            ns = time.perf_counter_ns() - t0
-            self._count_batch(1, elements, ns, jobs)
+            seconds = time.perf_counter() - t0
+            self._count_batch(1, elements, seconds)
+            if self.on_execution is not None:
+                self.on_execution(jobs)
             if timing is not None:
-                timing.device_ns = ns
+                timing.seconds = seconds
             return results
         loop = asyncio.get_running_loop()
         item = _Item(jobs, elements, loop.create_future())
@@ -140,7 +143,7 @@ class Batcher:
                         self._handle = loop.call_later(self.max_delay, self._flush)
             results = await item.future
             if timing is not None:
-                timing.device_ns = item.ns
+                timing.seconds = item.seconds
             return results
         finally:
             self._waiting -= 1
@@ -148,13 +151,11 @@ class Batcher:
             # not kept in it, or the three would make a cycle that pins the jobs
             item = None  # type: ignore[assignment]
 
-    def _count_batch(self, requests: int, elements: int, ns: int, jobs: Sequence[core.Job]) -> None:
+    def _count_batch(self, requests: int, elements: int, seconds: float) -> None:
         self.stats.batches += 1
         self.stats.requests += requests
         if self.on_batch is not None:
-            self.on_batch(requests, elements, ns / 1e9)
-        if self.on_execution is not None:
-            self.on_execution(jobs)
+            self.on_batch(requests, elements, seconds)
 
     def _count_failure(self, requests: int, exc: Exception) -> None:
         self.stats.failures += 1
@@ -179,43 +180,44 @@ class Batcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            t0 = time.perf_counter_ns()
+            t0 = time.perf_counter()
             try:
                 results = self.engine.run(jobs)
             except Exception as exc:
                 self._fail(items, exc)
             else:
-                self._deliver(items, jobs, results, total, time.perf_counter_ns() - t0)
+                self._deliver(items, results, total, time.perf_counter() - t0)
 
     async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int) -> None:
-        def run() -> tuple[list[np.ndarray], int] | None:
+        t0 = time.perf_counter()
+
+        def run() -> list[np.ndarray] | None:
             # a worker thread may start this long after it was queued: if every request of the
             # batch has gone (timed out, disconnected) meanwhile, its work is not done at all
             if all(it.future.done() for it in items):
                 self.stats.skipped += 1
                 return None
-            t0 = time.perf_counter_ns()  # the engine call alone (the wait for a thread is queueing)
-            results = self.engine.run(jobs)
-            return results, time.perf_counter_ns() - t0
+            return self.engine.run(jobs)
 
         try:
-            done = await anyio.to_thread.run_sync(run)
+            results = await anyio.to_thread.run_sync(run)
         except Exception as exc:
             self._fail(items, exc)
         else:
-            if done is not None:
-                self._deliver(items, jobs, done[0], total, done[1])
+            if results is not None:
+                self._deliver(items, results, total, time.perf_counter() - t0)
         finally:
             self._in_flight -= 1
 
-    def _deliver(self, items: list[_Item], jobs: list[core.Job], results: list[np.ndarray], total: int,
-                 ns: int) -> None:
-        self._count_batch(len(items), total, ns, jobs)
+    def _deliver(self, items: list[_Item], results: list[np.ndarray], total: int, seconds: float) -> None:
+        self._count_batch(len(items), total, seconds)
+        if self.on_execution is not None:
+            self.on_execution([j for it in items for j in it.jobs])
         o = 0
         for it in items:
             k = len(it.jobs)
             if not it.future.done():
-                it.ns = ns
+                it.seconds = seconds
                 it.future.set_result(results[o:o + k])
             o += k
 

@@ -16,10 +16,11 @@ alike. What counts, per model (surrogate) and version (``"1"``, the only one):
   in between raises (invalid input, a limit, the queue or memory budget full, the device, its
   deadline);
 - **queue**, **compute_input**, **compute_infer**, **compute_output** (successes only, one count each,
-  as Triton has it): waiting for the device (in the batcher's queue, for a worker thread, behind a
-  batch), decoding and checking the request, the device call that computed it (for a request fused
-  into a batch with others, the whole batch's call, as Triton reports a dynamic batch), and encoding
-  the answer. The four add up to the success time;
+  as Triton has it): waiting for the device (in the batcher's queue, behind a batch), decoding and
+  checking the request, the engine call that computed it (for a request fused into a batch with
+  others, the whole batch's call, as Triton reports a dynamic batch; for a batch computed in a worker
+  thread, from its dispatch to the thread), and encoding the answer. The four add up to the success
+  time;
 - **inference_count**: successful inferences, one per ``x`` computed: one per ``/v2`` request
   (its outputs come from one ``x``; the models declare no batch dimension, as a Triton model with
   ``max_batch_size: 0``, whose requests count one inference each), one per ``/v1`` job;
@@ -41,18 +42,32 @@ from typing import Any
 import surrogate_core as core
 
 from ..errors import ApiError
+from .batching import Timing
 
-__all__ = ["Stats"]
+__all__ = ["Mark", "Stats"]
+
+
+class Mark(Timing):
+    """One request as ``DataPlane.serve`` times it (``time.perf_counter_ns``): started at ``t0``,
+    decoded and checked at ``t1``, its results back from the batcher at ``t2``; ``jobs`` once
+    decoded; ``seconds`` (``Timing``) the engine call's time, told by the batcher."""
+
+    __slots__ = ("t0", "t1", "t2", "jobs")
+
+    def __init__(self, t0: int) -> None:
+        self.seconds = 0.0
+        self.t0 = self.t1 = self.t2 = t0
+        self.jobs: Sequence[core.Job] | None = None
 
 
 class _Model:
     """One model's counters (ns are integer nanoseconds)."""
 
-    __slots__ = ("success", "success_ns", "fail", "fail_ns", "queue_ns", "input_ns", "infer_ns", "output_ns",
+    __slots__ = ("success", "fail", "fail_ns", "queue_ns", "input_ns", "infer_ns", "output_ns",
                  "inferences", "executions", "last")
 
     def __init__(self) -> None:
-        self.success = self.success_ns = self.fail = self.fail_ns = 0
+        self.success = self.fail = self.fail_ns = 0
         self.queue_ns = self.input_ns = self.infer_ns = self.output_ns = 0
         self.inferences = self.executions = 0
         self.last = 0  # time.perf_counter_ns() at the end of the last success; 0: never
@@ -73,37 +88,41 @@ class Stats:
         return m
 
     # -- updates (the request path) ---------------------------------------------------------------
-    def succeeded(self, jobs: Sequence[core.Job], per_job: bool, t0: int, t1: int, t2: int, t3: int,
-                  device_ns: int) -> None:
-        """A request that succeeded: decoded and checked from ``t0`` to ``t1``, its results back
-        from the device at ``t2`` (``device_ns`` of it the device call), encoded at ``t3``
-        (``perf_counter_ns``). ``per_job``: each job is an inference of its own (``/v1``), else the
-        request is one inference of its first job's model."""
+    def succeeded(self, mark: Mark, per_job: bool, t3: int) -> None:
+        """A request that succeeded, encoded at ``t3``. ``per_job``: each job is an inference of
+        its own (``/v1``), else the request is one inference of its first job's model."""
+        jobs = mark.jobs
+        if not jobs:
+            return
         if per_job and len(jobs) > 1:
             counts: dict[str, int] = {}
             for j in jobs:
                 counts[j.surrogate] = counts.get(j.surrogate, 0) + 1
             for name, n in counts.items():
-                self._success(self._model(name), n, t0, t1, t2, t3, device_ns)
-        elif jobs:
-            name = jobs[0].surrogate
-            self._success(self._models.get(name) or self._model(name), 1, t0, t1, t2, t3, device_ns)
+                self._success(self._model(name), n, mark, t3)
+            return
+        name = jobs[0].surrogate
+        self._success(self._models.get(name) or self._model(name), 1, mark, t3)
 
     @staticmethod
-    def _success(m: _Model, n: int, t0: int, t1: int, t2: int, t3: int, device_ns: int) -> None:
-        m.success += 1
-        m.success_ns += t3 - t0
+    def _success(m: _Model, n: int, mark: Mark, t3: int) -> None:
+        t0, t1, t2 = mark.t0, mark.t1, mark.t2
+        device = int(mark.seconds * 1e9)
+        if device > t2 - t1:  # (the batcher's clock in float seconds: a nanosecond of rounding)
+            device = t2 - t1
+        m.success += 1  # (its time is the sum of the four parts)
         m.input_ns += t1 - t0
-        m.infer_ns += device_ns
-        m.queue_ns += t2 - t1 - device_ns
+        m.infer_ns += device
+        m.queue_ns += t2 - t1 - device
         m.output_ns += t3 - t2
         m.inferences += n
         m.last = t3
 
-    def failed(self, request: Any, jobs: Sequence[core.Job] | None, t0: int) -> None:
-        """A request that failed after ``t0``: counted under the models of its ``jobs`` when it was
-        decoded, else under its request's ``model`` (a ``core.Surrogate``) when it names one."""
-        ns = time.perf_counter_ns() - t0
+    def failed(self, request: Any, mark: Mark) -> None:
+        """A request that failed: counted under the models of its jobs when it was decoded, else
+        under its request's ``model`` (a ``core.Surrogate``) when it names one."""
+        ns = time.perf_counter_ns() - mark.t0
+        jobs = mark.jobs
         if jobs:
             names = {j.surrogate for j in jobs} if len(jobs) > 1 else (jobs[0].surrogate,)
         else:
@@ -155,7 +174,7 @@ class Stats:
             "inference_count": m.inferences,
             "execution_count": m.executions,
             "inference_stats": {
-                "success": {"count": n, "ns": m.success_ns},
+                "success": {"count": n, "ns": m.input_ns + m.queue_ns + m.infer_ns + m.output_ns},
                 "fail": {"count": m.fail, "ns": m.fail_ns},
                 "queue": {"count": n, "ns": m.queue_ns},
                 "compute_input": {"count": n, "ns": m.input_ns},

@@ -137,14 +137,20 @@ async def test_the_parts_add_up_to_the_total_and_the_device_call_is_compute_infe
             return real(jobs)
 
         a.rt.engine.run = slow
-        seen = []
+        seen, walls = [], []
         for k in range(3):
+            t0 = time.perf_counter_ns()
             r = await a.client.post("/v2/models/erf/infer", content=v2([0.1 * k, 1.0]))
+            walls.append(time.perf_counter_ns() - t0)
             assert r.status_code == 200
             seen.append((await stats(a, "erf"))["inference_stats"])
         for s in seen:
             parts = sum(s[k]["ns"] for k in ("queue", "compute_input", "compute_infer", "compute_output"))
             assert parts == s["success"]["ns"]
+        # each request's time is within what the client waited for it
+        assert 30_000_000 <= seen[0]["success"]["ns"] <= walls[0]
+        for (earlier, later), wall in zip(itertools.pairwise(seen), walls[1:], strict=True):
+            assert 30_000_000 <= later["success"]["ns"] - earlier["success"]["ns"] <= wall
         for k, s in enumerate(seen, 1):
             assert s["compute_infer"]["ns"] >= k * 30_000_000  # each request's device call is in it
             assert s["success"]["count"] == k
