@@ -77,6 +77,9 @@ async def test_exact_counts_after_known_requests():
         assert (await a.client.post("/v1/grad", content=b"{nope", headers={**JSON, **auth})).status_code == 400
         assert (await a.client.post("/v2/models/sigmoid/infer", content=v2([1.0]))).status_code == 401
         assert (await a.client.get("/v2/models/stats", headers=auth)).json() == before
+        # the statistics need the token, as the other metadata does
+        assert (await a.client.get("/v2/models/stats")).status_code == 401
+        assert (await a.client.get("/v2/models/sigmoid/stats")).status_code == 401
 
         sig, arc = await stats_auth(a, "sigmoid", auth), await stats_auth(a, "arctan", auth)
         # sigmoid: 3 /v2 + 2 /v1 requests; inferences 3 + 1 + 2 jobs; executions: 4 lone calls and the list's
