@@ -60,6 +60,7 @@ from .schemas import (
     V2ServerMetadata,
     V2SharedMemoryRegion,
     V2SharedMemoryRegister,
+    V2StatisticsResponse,
 )
 from .server.security import check_token
 from .state import Runtime
@@ -279,7 +280,7 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
 
     def server_metadata() -> dict[str, Any]:
         return {"name": "surrogate-serve", "version": __version__,
-                "extensions": ["binary_tensor_data", "model_repository"]
+                "extensions": ["binary_tensor_data", "model_repository", "statistics"]
                 + (["system_shared_memory"] if rt.shm is not None else [])}
 
     def health_live() -> dict[str, bool]:
@@ -313,6 +314,23 @@ def add_routes(r: APIRouter, rt: Runtime) -> None:
     op("POST", "/v2/repository/index", repository_index, protocol="v2", tag=oip, name="v2_repository_index",
        summary="Every model (surrogate) and its state", response_model=list[V2RepositoryModel],
        errors={400: _error("Malformed body", "v2")})
+    def statistics() -> dict[str, Any]:
+        return rt.dataplane.stats.snapshot()
+
+    def model_statistics(model: str) -> dict[str, Any]:
+        return rt.dataplane.stats.snapshot(model)
+
+    def model_version_statistics(model: str, version: str) -> dict[str, Any]:
+        return rt.dataplane.stats.snapshot(model, version)
+
+    # (before /v2/models/{model}, which "stats" would match)
+    op("GET", "/v2/models/stats", statistics, protocol="v2", tag=oip, name="v2_statistics",
+       summary="Statistics of every model (Triton's statistics extension)", response_model=V2StatisticsResponse)
+    for suffix, endpoint in (("", model_statistics), ("/versions/{version}", model_version_statistics)):
+        op("GET", "/v2/models/{model}" + suffix + "/stats", endpoint, protocol="v2", tag=oip,
+           name="v2_model_statistics" + ("_version" if suffix else ""),
+           summary="Statistics of a model: requests, failures, queue and compute times",
+           response_model=V2StatisticsResponse, errors={404: _error("Unknown model or version", "v2")})
     for suffix in ("", "/versions/{version}"):
         base = "/v2/models/{model}" + suffix
         vs = "_version" if suffix else ""

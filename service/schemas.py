@@ -292,6 +292,36 @@ class V2RepositoryIndexRequest(BaseModel):
     ready: bool | None = None
 
 
+class V2StatisticDuration(BaseModel):
+    count: int = Field(description="How many times it was measured.")
+    ns: int = Field(description="The total duration, in nanoseconds.")
+
+
+class V2InferStatistics(BaseModel):
+    success: V2StatisticDuration
+    fail: V2StatisticDuration
+    queue: V2StatisticDuration
+    compute_input: V2StatisticDuration
+    compute_infer: V2StatisticDuration
+    compute_output: V2StatisticDuration
+    cache_hit: V2StatisticDuration
+    cache_miss: V2StatisticDuration
+
+
+class V2ModelStatistics(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="When the last successful request ended, in ms since the epoch; 0: never.")
+    inference_count: int = Field(description="Successful inferences: one per /v2 request, one per /v1 job.")
+    execution_count: int = Field(description="Engine calls (a batch of requests fused into one call counts once).")
+    inference_stats: V2InferStatistics
+    batch_stats: list[dict[str, Any]]
+
+
+class V2StatisticsResponse(BaseModel):
+    model_stats: list[V2ModelStatistics]
+
+
 class V2InputTensor(BaseModel):
     name: str = Field(description="x, a parameter of the surrogate (braintools' name) or cotangent.")
     shape: list[int]

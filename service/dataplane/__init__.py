@@ -15,7 +15,9 @@ It owns
 - **the error kinds** raised as ``ApiError`` with their code: ``overloaded``, ``timeout``,
   ``device_out_of_memory``, ``device_error``, ``not_representable``; the protocol adapters render
   them in their own shapes;
-- the request-independent **metrics** (elements, rejections, in flight, device failures).
+- the request-independent **metrics** (elements, rejections, in flight, device failures);
+- the per-model **statistics** (``stats.Stats``, Triton's statistics extension) of every request
+  it serves.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,10 +36,11 @@ import surrogate_core as core
 
 from ..errors import ApiError
 from ..server.settings import Settings
-from .batching import Batcher, DeviceError, Overloaded
+from .batching import Batcher, DeviceError, Overloaded, Timing
 from .limits import Limits
 from .memory import MemoryBudget, budget_from_settings
 from .metrics import Metrics
+from .stats import Mark, Stats
 
 __all__ = ["OFFLOAD_BYTES", "Admission", "DataPlane", "Deadlines", "Limits", "Ticket", "working_set"]
 
@@ -56,6 +60,8 @@ class DataPlane:
         )
         self.metrics = Metrics(engine, lambda: self.batcher.depth)
         self.batcher.on_batch = self.metrics.on_batch
+        self.stats = Stats()
+        self.batcher.on_execution = self.stats.executed
         self.in_flight = 0
         self.ready = threading.Event()
         self.warmup_error: str | None = None
@@ -85,7 +91,23 @@ class DataPlane:
         bodies are decoded, and large answers encoded, in a worker thread (the event loop stays free);
         small ones inline, which is cheaper than a thread hop. ``alone``: whether the server has no
         other request in progress (started or about to start), where the server says; else the
-        requests admitted here are counted."""
+        requests admitted here are counted.
+
+        Each request is counted in the per-model statistics (``stats``): under the models of its
+        jobs once decoded (each job an inference of its own where the codec's errors name job
+        indices, ``/v1``; else the request one inference of its model), and before that, when it
+        fails, under its request's ``model`` (a ``core.Surrogate``), where the codec's request has one."""
+        mark = Mark(time.perf_counter_ns())
+        try:
+            answer = await self._serve(codec, request, body, ticket, alone, mark)
+        except BaseException:  # (not bound to a name: the frame holds no exception)
+            self.stats.failed(request, mark)
+            raise
+        self.stats.succeeded(mark, codec.job_index, time.perf_counter_ns())
+        return answer
+
+    async def _serve(self, codec: Any, request: Any, body: bytes, ticket: Ticket, alone: bool | None,
+                     mark: Mark) -> Any:
         size = len(body)
         parsed = size + codec.parse_bytes(request, body)
         ticket.require(parsed, "decoding a body")
@@ -93,7 +115,7 @@ class DataPlane:
             decoded = await anyio.to_thread.run_sync(codec.decode, request, body)
         else:
             decoded = codec.decode(request, body)
-        jobs = decoded.jobs
+        jobs = mark.jobs = decoded.jobs
         n = self.check(jobs, where=lambda i: codec.where(decoded, i), job_index=codec.job_index)
         answer = 0  # (small requests: small answers)
         if n <= SMALL_ELEMENTS:  # a cheap bound for small requests: padded buffers and answers are small
@@ -101,7 +123,9 @@ class DataPlane:
         else:
             answer = codec.answer_bytes(decoded)
             ticket.require(parsed + working_set(jobs) + answer, "this request")
-        results = await self.infer(jobs, codec.endpoint, alone=alone)
+        mark.t1 = time.perf_counter_ns()
+        results = await self.infer(jobs, codec.endpoint, alone=alone, timing=mark)
+        mark.t2 = time.perf_counter_ns()
         # a large answer to write, or many numbers to write as text (a binary answer is a copy at most)
         if answer > OFFLOAD_BYTES or (n > self.offload_elements and not codec.binary_answer(decoded)):
             return await anyio.to_thread.run_sync(codec.encode, decoded, results)
@@ -112,15 +136,18 @@ class DataPlane:
         return self.limits.jobs(jobs, where=where, job_index=job_index)
 
     # -- compute -----------------------------------------------------------------------------
-    async def infer(self, jobs: Sequence[core.Job], endpoint: str, *, alone: bool | None = None) -> list[np.ndarray]:
+    async def infer(self, jobs: Sequence[core.Job], endpoint: str, *, alone: bool | None = None,
+                    timing: Timing | None = None) -> list[np.ndarray]:
         """The results of ``jobs``, in order (through the batcher, which computes a request alone at
-        once and gathers concurrent ones into one device call)."""
+        once and gathers concurrent ones into one device call); ``timing`` learns the engine call's
+        time."""
         # the errors are raised after their ``except`` blocks: a frame left by an exception raised
         # inside one holds the exception caught, whose traceback holds the frame (a cycle)
         overloaded: str | None = None
         failure: bool | None = None  # whether the device ran out of memory, when it failed
         try:
-            results = await self.batcher.submit(jobs, alone=self.in_flight <= 1 if alone is None else alone)
+            results = await self.batcher.submit(jobs, alone=self.in_flight <= 1 if alone is None else alone,
+                                                timing=timing)
         except Overloaded as exc:
             overloaded = str(exc)
         except DeviceError as exc:

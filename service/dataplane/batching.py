@@ -30,7 +30,7 @@ import numpy as np
 
 import surrogate_core as core
 
-__all__ = ["Batcher", "Overloaded", "BatchStats"]
+__all__ = ["Batcher", "Overloaded", "BatchStats", "Timing"]
 
 log = logging.getLogger("service.batching")
 
@@ -87,6 +87,18 @@ class _Item:
     jobs: Sequence[core.Job]
     elements: int
     future: asyncio.Future = field(repr=False)
+    seconds: float = 0.0  # its batch's time, once computed
+
+
+class Timing:
+    """What ``Batcher.submit`` tells of a request's computation: ``seconds``, the time of the engine
+    call that computed it (with the other requests of its batch; for a batch in a worker thread,
+    from its dispatch)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
 
 
 class Batcher:
@@ -100,6 +112,7 @@ class Batcher:
         offload_elements: int = 16384,
         offload_seconds: float = 0.0003,
         on_batch: Callable[[int, int, float], None] | None = None,
+        on_execution: Callable[[Sequence[core.Job]], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_delay = max_delay
@@ -109,6 +122,7 @@ class Batcher:
         self.offload_seconds = offload_seconds
         self.times = DeviceTimes()
         self.on_batch = on_batch
+        self.on_execution = on_execution  # each engine call's jobs (the per-model statistics)
         self.stats = BatchStats()
         self._pending: list[_Item] = []
         self._pending_elements = 0
@@ -122,12 +136,13 @@ class Batcher:
         """Requests submitted and not yet answered (queued or computing)."""
         return self._waiting
 
-    async def submit(self, jobs: Sequence[core.Job], *, alone: bool = False) -> list[np.ndarray]:
+    async def submit(self, jobs: Sequence[core.Job], *, alone: bool = False,
+                     timing: Timing | None = None) -> list[np.ndarray]:
         """The results of ``jobs``. ``alone``: no other request is in progress, so there is nothing
         to gather with (a warm, small batch then computes at once, inline). Otherwise the request
         joins the next batch: every request that reaches the batcher in the same turn of the event
         loop (or, while a batch computes in a worker thread, within ``max_delay``) is computed in
-        the same device call."""
+        the same device call. ``timing``, when given, learns the engine call's time."""
         if self._waiting >= self.max_queue:
             self.stats.rejected += 1
             raise Overloaded(f"{self._waiting} requests in the queue (limit {self.max_queue})")
@@ -143,6 +158,10 @@ class Batcher:
             seconds = time.perf_counter() - t0
             self.times.record(jobs, elements, seconds)
             self._count_batch(1, elements, seconds)
+            if self.on_execution is not None:
+                self.on_execution(jobs)
+            if timing is not None:
+                timing.seconds = seconds
             return results
         loop = asyncio.get_running_loop()
         item = _Item(jobs, elements, loop.create_future())
@@ -161,7 +180,10 @@ class Batcher:
                         self._handle = loop.call_soon(self._flush)
                     else:  # the device is busy anyway: gather arrivals for a while
                         self._handle = loop.call_later(self.max_delay, self._flush)
-            return await item.future
+            results = await item.future
+            if timing is not None:
+                timing.seconds = item.seconds
+            return results
         finally:
             self._waiting -= 1
             # a failure's traceback holds this frame: the future (which holds the failure) is
@@ -246,10 +268,13 @@ class Batcher:
 
     def _deliver(self, items: list[_Item], results: list[np.ndarray], total: int, seconds: float) -> None:
         self._count_batch(len(items), total, seconds)
+        if self.on_execution is not None:
+            self.on_execution([j for it in items for j in it.jobs])
         o = 0
         for it in items:
             k = len(it.jobs)
             if not it.future.done():
+                it.seconds = seconds
                 it.future.set_result(results[o:o + k])
             o += k
 
