@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -12,6 +13,10 @@ import pytest
 import surrogate_core  # noqa: F401  (enables x64 before any test builds arrays)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The apps and servers the tests start serve gRPC only where a test gives them a port (SURROGATE_GRPC_PORT,
+# 8001 by default, would be one port for every server at once).
+os.environ.setdefault("SURROGATE_GRPC_PORT", "0")
 
 
 @pytest.fixture(scope="session")
