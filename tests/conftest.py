@@ -21,7 +21,8 @@ os.environ.setdefault("SURROGATE_GRPC_PORT", "0")
 
 @pytest.fixture(scope="session")
 def shared_server() -> Iterator[tuple[str, object]]:
-    """``python -m service`` with the default settings (log level warning) on a free loopback port, started
+    """``python -m service`` with the default settings (log level warning) on a free loopback port (and gRPC on
+    another: ``process.grpc_address``), started
     when a test first asks for it and shared by the whole session: ``(base_url, process)``.
 
     For tests that send requests and read the answers. A test that needs settings of its own, stops or
@@ -29,7 +30,9 @@ def shared_server() -> Iterator[tuple[str, object]]:
     a server of its own with ``liveserver.running_server(**settings)``."""
     from liveserver import running_server
 
-    with running_server(log_level="warning") as (base, proc):
+    from liveserver import free_port
+
+    with running_server(log_level="warning", grpc_port=free_port()) as (base, proc):
         # read its output as it comes, so that a long session's log lines never fill the pipe and block it
         tail: deque[str] = deque(maxlen=200)
         reader = threading.Thread(target=lambda: tail.extend(proc.stdout), name="shared-server-output", daemon=True)

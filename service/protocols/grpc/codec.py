@@ -42,7 +42,8 @@ __all__ = ["GrpcCodec", "GrpcDecoded", "message_value", "parameters"]
 
 #: ``InferTensorContents`` field numbers (all repeated scalars, packed on the wire)
 _CONTENTS = {f.number: f.name for f in pb.InferTensorContents.DESCRIPTOR.fields}
-_TYPED = {"FP32": ("fp32_contents", np.dtype("<f4")), "FP64": ("fp64_contents", np.dtype("<f8"))}
+_TYPED: dict[str, tuple[str, np.dtype[Any]]] = {"FP32": ("fp32_contents", np.dtype("<f4")),
+                                               "FP64": ("fp64_contents", np.dtype("<f8"))}
 _RAW_TAG = bytes([pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number << 3 | 2])
 _NUMBER = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")
 #: parameters of a tensor that name a shared-memory region (such an input has no raw entry)
