@@ -434,3 +434,69 @@ async def test_statistics_as_v2_http_answers_them(served):
     r = await a.client.get("/v2/models/sigmoud/stats")
     assert await status_of(g.call("ModelStatistics", pb.ModelStatisticsRequest(name="sigmoud"))) == (
         grpc.StatusCode.NOT_FOUND, r.json()["error"])
+
+
+async def test_shutting_down_refuses_new_calls_and_reports_not_ready(served):
+    from service.server import lifecycle
+
+    _, g = served
+    lifecycle.begin_shutdown()
+    try:
+        assert await status_of(g.infer(infer_request(inputs=[("x", SEED, "FP32")]))) == (
+            grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another instance")
+        assert not (await g.call("ServerReady", pb.ServerReadyRequest())).ready
+        assert (await g.call("ServerLive", pb.ServerLiveRequest())).live
+    finally:
+        lifecycle.reset()
+    assert raw_outputs(await g.infer(infer_request(inputs=[("x", SEED, "FP32")])))["spike"].tolist() == [0, 0, 1, 1, 1]
+
+
+async def test_past_the_request_timeout_is_deadline_exceeded_with_the_v2_message():
+    import asyncio
+
+    port = free_port()
+    async with App(grpc_port=port, request_timeout=0.2) as a:
+        g = Grpc(port)
+        batcher = a.rt.dataplane.batcher
+        submit = batcher.submit
+
+        async def slow(*args, **kw):
+            await asyncio.sleep(5)
+            return await submit(*args, **kw)
+
+        batcher.submit = slow
+        req, path, (b, headers) = both([("x", SEED, "FP32")])
+        r = await a.client.post(path, content=b, headers=headers)
+        assert r.status_code == 503
+        assert await status_of(g.infer(req)) == (grpc.StatusCode.DEADLINE_EXCEEDED, r.json()["error"])
+        assert r.json()["error"] == "the request took longer than 0.2 s"
+        batcher.submit = submit
+        assert a.rt.dataplane.in_flight == 0
+        await g.channel.close()
+
+
+async def test_the_graceful_stop_lets_a_call_in_progress_finish():
+    """The lifespan's end stops taking calls and lets those in progress finish."""
+    import asyncio
+
+    port = free_port()
+    a = App(grpc_port=port)
+    await a.__aenter__()
+    g = Grpc(port)
+    batcher = a.rt.dataplane.batcher
+    submit = batcher.submit
+    started = asyncio.Event()
+
+    async def slow(*args, **kw):
+        started.set()
+        await asyncio.sleep(0.5)
+        return await submit(*args, **kw)
+
+    batcher.submit = slow
+    call = asyncio.ensure_future(g.infer(infer_request(inputs=[("x", SEED, "FP32")])))
+    await started.wait()
+    await a.__aexit__(None, None, None)  # waits for the call in progress
+    assert raw_outputs(await call)["spike"].tolist() == [0, 0, 1, 1, 1]
+    code, _ = await status_of(g.call("ServerLive", pb.ServerLiveRequest()))
+    assert code == grpc.StatusCode.UNAVAILABLE  # the port is closed
+    await g.channel.close()
