@@ -276,3 +276,49 @@ def test_kserve_grpc_client(server):
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("equal to the NumPy reference") == 12
     assert "infer of an unknown model: NOT_FOUND unknown model 'no_such_model'" in r.stdout
+
+
+def test_shared_memory_with_tritonclient_grpc():
+    """tritonclient.grpc with tritonclient.utils.shared_memory, unchanged: regions registered over
+    gRPC (their status a map by name), x read from a region (no raw entry), grad written into one
+    (an empty raw entry keeps the raw contents of the other outputs at their positions)."""
+    from service.server.settings import Settings
+
+    if "shared_memory" not in Settings.model_fields:
+        pytest.skip("the shared-memory extension is not on this branch")
+    shm = pytest.importorskip("tritonclient.utils.shared_memory")
+    port = free_port()
+    x = np.linspace(-2, 2, 1000, dtype=np.float32).reshape(10, 100)
+    key_in, key_out = f"/surrogate_grpc_{os.getpid()}_in", f"/surrogate_grpc_{os.getpid()}_out"
+    with running_server(grpc_port=port, shared_memory=True, log_level="warning"):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = shm.create_shared_memory_region("in", key_in, x.nbytes, create_only=True)
+        out = shm.create_shared_memory_region("out", key_out, x.nbytes, create_only=True)
+        try:
+            shm.set_shared_memory_region(inp, [x])
+            client.register_system_shared_memory("in", key_in, x.nbytes)
+            client.register_system_shared_memory("out", key_out, x.nbytes)
+            status = client.get_system_shared_memory_status(as_json=True)["regions"]
+            assert {name: (r["key"], int(r.get("byte_size", 0))) for name, r in status.items()} == {
+                "in": (key_in, x.nbytes), "out": (key_out, x.nbytes)}
+            assert "system_shared_memory" in client.get_server_metadata().extensions
+            tx = grpcclient.InferInput("x", list(x.shape), "FP32")
+            tx.set_shared_memory("in", x.nbytes)
+            grad = grpcclient.InferRequestedOutput("grad")
+            grad.set_shared_memory("out", x.nbytes)
+            r = client.infer("piecewise_quadratic", [tx], parameters={"alpha": 2},
+                             outputs=[grpcclient.InferRequestedOutput("spike"), grad,
+                                      grpcclient.InferRequestedOutput("fun")])
+            assert [len(c) for c in r.get_response().raw_output_contents] == [x.nbytes, 0, x.nbytes]
+            assert np.array_equal(r.as_numpy("spike"), spike(x))
+            assert r.as_numpy("fun").shape == x.shape
+            np.testing.assert_allclose(shm.get_contents_as_numpy(out, np.float32, list(x.shape)), pq_grad(x, 2.0),
+                                       rtol=1e-6, atol=1e-7)
+            client.unregister_system_shared_memory("in")
+            assert list(client.get_system_shared_memory_status(as_json=True)["regions"]) == ["out"]
+            client.unregister_system_shared_memory()
+            assert not client.get_system_shared_memory_status(as_json=True).get("regions")
+        finally:
+            shm.destroy_shared_memory_region(inp)
+            shm.destroy_shared_memory_region(out)
+            client.close()

@@ -390,7 +390,8 @@ async def test_the_token_in_metadata():
 async def test_shared_memory_rpcs_when_it_is_off(served):
     a, g = served
     assert getattr(a.rt, "shm", None) is None  # off unless SURROGATE_SHARED_MEMORY=true
-    message = "system shared memory is off on this server (SURROGATE_SHARED_MEMORY=true turns it on)"
+    message = ("system shared memory is off on this server (start it with SURROGATE_SHARED_MEMORY=true to use "
+               "shared-memory regions)")
     for method, request in [
         ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest()),
         ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=64)),

@@ -38,7 +38,7 @@ from ..tensors.arrays import check_finite
 from ..tensors.npy import jobs_answer_bytes
 from ..v2.codec import _NAMES, _WIRE, DATATYPES, VERSION, decode_request, model
 
-__all__ = ["GrpcCodec", "GrpcDecoded", "message_value", "parameters"]
+__all__ = ["GrpcCodec", "GrpcDecoded", "message_value", "parameters", "set_parameter"]
 
 #: ``InferTensorContents`` field numbers (all repeated scalars, packed on the wire)
 _CONTENTS = {f.number: f.name for f in pb.InferTensorContents.DESCRIPTOR.fields}
@@ -70,6 +70,18 @@ def parameters(params: Any, numbers: bool = False) -> dict[str, Any]:
             v = float(v)
         out[key] = v
     return out
+
+
+def set_parameter(p: pb.InferParameter, value: Any) -> None:
+    """Set the ``InferParameter`` field that holds ``value``."""
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    else:
+        p.string_param = str(value)
 
 
 def _varint(n: int) -> bytes:
@@ -228,6 +240,7 @@ class GrpcCodec:
         sur, req = decoded.model, decoded.req
         answer = pb.ModelInferResponse(model_name=sur.name, model_version=VERSION, id=req.get("id", ""))
         raws: list[bytes | memoryview] = []
+        writes: list[tuple[Any, np.ndarray, np.dtype[Any], str]] = []  # made once every output is checked
         any_raw = False
         for entry, job, res in zip(decoded.outputs, decoded.jobs, results, strict=True):
             name, binary = entry[0], entry[1]
@@ -235,7 +248,11 @@ class GrpcCodec:
                 check_finite(job, res, text=False, where=f"output {shown(name)}", job_index=None, hint="")
             datatype = _NAMES[job.dtype]
             out = answer.outputs.add(name=name, datatype=datatype, shape=res.shape)
-            if len(entry) > 2 and entry[2] is not None:  # written to a shared-memory region: no data here
+            target = entry[2] if len(entry) > 2 else None
+            if target is not None:  # written into its shared-memory region: no data in the answer
+                writes.append((target, res, _WIRE[job.dtype], name))
+                for key, value in target.parameters().items():
+                    set_parameter(out.parameters[key], value)
                 raws.append(b"")
                 continue
             data = np.ascontiguousarray(res, dtype=_WIRE[job.dtype]).reshape(-1).view(np.uint8).data
@@ -249,6 +266,8 @@ class GrpcCodec:
             field = pb.InferTensorContents.DESCRIPTOR.fields_by_name[_TYPED[datatype][0]].number
             out.contents.MergeFromString(b"".join([_varint(field << 3 | 2), _varint(len(data)), data]))
             raws.append(b"")
+        for target, res, wire, name in writes:
+            target.write(res, wire, name)
         head = answer.SerializeToString()
         if not any_raw:
             return head
