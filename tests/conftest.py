@@ -28,9 +28,7 @@ def shared_server() -> Iterator[tuple[str, object]]:
     For tests that send requests and read the answers. A test that needs settings of its own, stops or
     signals the server, measures its memory, or reads a counter as a total (not as a difference) starts
     a server of its own with ``liveserver.running_server(**settings)``."""
-    from liveserver import running_server
-
-    from liveserver import free_port
+    from liveserver import free_port, running_server
 
     with running_server(log_level="warning", grpc_port=free_port()) as (base, proc):
         # read its output as it comes, so that a long session's log lines never fill the pipe and block it

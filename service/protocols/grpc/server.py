@@ -145,8 +145,8 @@ class Service:
     def _shm(self) -> Any:
         regions = self._regions()
         if regions is None:
-            raise ApiError(400, "system shared memory is off on this server (start it with SURROGATE_SHARED_MEMORY=true "
-                           "to use shared-memory regions)", code="shared_memory_off")
+            raise ApiError(400, "system shared memory is off on this server (start it with "
+                           "SURROGATE_SHARED_MEMORY=true to use shared-memory regions)", code="shared_memory_off")
         return regions
 
 
