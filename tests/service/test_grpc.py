@@ -30,14 +30,14 @@ class Grpc:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
-    async def call(self, method: str, request, response_type=None, metadata=None):
+    async def call(self, method: str, request, response_type=None, metadata=None, timeout=30):
         rtype = response_type or getattr(pb, method + "Response")
         call = self.channel.unary_unary(
             SERVICE + method,
             request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
             response_deserializer=rtype.FromString,
         )
-        return await call(request, metadata=metadata or self.metadata, timeout=30)
+        return await call(request, metadata=metadata or self.metadata, timeout=timeout)
 
     async def infer(self, request, **kw):
         return await self.call("ModelInfer", request, **kw)
@@ -501,3 +501,30 @@ async def test_the_graceful_stop_lets_a_call_in_progress_finish():
     code, _ = await status_of(g.call("ServerLive", pb.ServerLiveRequest()))
     assert code == grpc.StatusCode.UNAVAILABLE  # the port is closed
     await g.channel.close()
+
+
+async def test_a_call_whose_client_gives_up_is_counted_as_499_and_lets_go_of_everything(served):
+    import asyncio
+
+    a, g = served
+    batcher = a.rt.dataplane.batcher
+    submit = batcher.submit
+
+    async def slow(*args, **kw):
+        await asyncio.sleep(2)
+        return await submit(*args, **kw)
+
+    batcher.submit = slow
+    code, _ = await status_of(g.infer(infer_request(inputs=[("x", SEED, "FP32")]), timeout=0.2))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's own deadline
+    for _ in range(100):  # the server's call is cancelled when the client's deadline passes
+        if a.rt.dataplane.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    batcher.submit = submit
+    assert a.rt.dataplane.in_flight == 0
+    assert a.rt.dataplane.budget.in_use == 0
+    text = (await a.client.get("/metrics")).text
+    assert ('surrogate_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",protocol="grpc",'
+            'status="499"} 1.0') in text
+    assert 'surrogate_rejections_total{reason="client_disconnect"} 1.0' in text

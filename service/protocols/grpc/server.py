@@ -18,6 +18,7 @@ DEADLINE_EXCEEDED past ``SURROGATE_REQUEST_TIMEOUT``, UNAUTHENTICATED without th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -177,6 +178,11 @@ def _handler(rt: Any, name: str, call: Callable[[Any], Awaitable[Any]]) -> Calla
             if err.reason:
                 metrics.reject(err.reason)
             status = _status(err)
+        except asyncio.CancelledError:  # the client went away or its deadline passed: counted as 499, as over HTTP
+            request = None
+            status = 499
+            metrics.reject("client_disconnect")
+            raise
         except Exception as exc:
             request = None
             log.exception("unhandled error on %s", label)
