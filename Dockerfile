@@ -109,7 +109,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SURROGATE_GRACEFUL_TIMEOUT=8
 WORKDIR /tmp
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 # uvicorn finishes in-flight requests on SIGTERM (for up to SURROGATE_GRACEFUL_TIMEOUT seconds).
 STOPSIGNAL SIGTERM
 # Healthy = ready: /readyz answers 200 once the JAX warm-up has compiled (503 before). No curl in the

@@ -71,10 +71,10 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-# The documentation site at http://127.0.0.1:8001, rebuilt on every change (8000 is make serve's).
+# The documentation site at http://127.0.0.1:8002, rebuilt on every change (8000 and 8001 are make serve's).
 .PHONY: docs-serve
 docs-serve: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8002
 
 # Re-executes the notebooks (examples/*.ipynb) against the server at SURROGATE_URL (default: a `make serve`
 # on 127.0.0.1:8000) and saves them with their outputs (review the diff before committing).

@@ -12,7 +12,7 @@ The peers run in virtual environments of their own, ``bench/.venvs/<name>``, cre
 from the pins in ``bench/peers/<name>-requirements.txt`` (a few minutes once; their pins conflict
 with the service's). A peer that cannot be installed or started is reported as skipped.
 
-    python bench/bench.py [--quick] [--no-peers | --peers-only | --training-wire] [--out bench/results]
+    python bench/bench.py [--quick] [--no-peers | --peers-only | --training-wire | --grpc] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -964,6 +964,149 @@ WIRE_TITLE = ("9. The client on the wire: SurrogateClient beside plain http.clie
               ".npz beside /v2 binary tensors (1,000,000), one kept-alive connection each, paired")
 
 
+# -- 11. the Open Inference Protocol over gRPC -------------------------------------------------------
+
+GRPC_SIZES = [16, 1_000, 100_000, 1_000_000]
+
+
+def kserve_grpc(stack: ExitStack) -> str | int:
+    """KServe's model server with its gRPC server on (the same model as section 7's peer): its gRPC
+    port, or why it is skipped."""
+    venv, why = peer_venv("kserve")
+    if venv is None:
+        return why
+    port, gport = free_port(), free_port()
+    cmd, env = peer_command("kserve", venv, port)
+    cmd[cmd.index("--enable_grpc") + 1] = "true"
+    cmd += ["--grpc_port", str(gport)]
+    try:
+        stack.enter_context(server(cmd, port, f"/v2/models/{V2_MODEL}/ready", env))
+    except RuntimeError as e:
+        return f"did not start: {str(e).strip().splitlines()[-1][:200]}"
+    return gport
+
+
+def bench_grpc(quick: bool, svc: int | None = None, grpc_port: int | None = None, peers: bool = True
+               ) -> tuple[list[list], dict]:
+    """``grad`` of FP32 x (alpha 1) over gRPC with tritonclient.grpc (raw contents) beside the same
+    work over /v2 HTTP binary (tritonclient.http) and /v1 .npy (http.client), and KServe's gRPC
+    server with the same client, one connection each, paired; every answer checked against NumPy
+    first. alpha goes as the integer 1 (``int64_param``): KServe's gRPC parameters have no double field.
+    Starts its own server unless given the ports of one."""
+    import grpc
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.grpc import service_pb2 as pb
+
+    def thin(port: int):
+        """The thinnest client: a gRPC channel, the request message serialized once, the answer parsed."""
+        channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+            ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]))
+        return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+
+    def thin_call(call, body: bytes):
+        def run() -> np.ndarray:
+            r = call(body, timeout=120)
+            return np.frombuffer(r.raw_output_contents[0], "<f4").reshape(tuple(r.outputs[0].shape))
+        return run
+
+    with ExitStack() as stack:
+        if svc is None or grpc_port is None:
+            svc, grpc_port = free_port(), free_port()
+            stack.enter_context(server([sys.executable, "-m", "service", "--port", str(svc)], svc, "/readyz",
+                                       {"SURROGATE_LOG_LEVEL": "warning", "SURROGATE_GRPC_PORT": str(grpc_port)}))
+        kserve = kserve_grpc(stack) if peers else "--no-peers"
+        ours_g = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        ours_h = httpclient.InferenceServerClient(f"127.0.0.1:{svc}")
+        theirs = grpcclient.InferenceServerClient(f"127.0.0.1:{kserve}") if isinstance(kserve, int) else None
+        ours_thin = thin(grpc_port)
+        theirs_thin = thin(kserve) if isinstance(kserve, int) else None
+        h = Http(svc)
+        rng = np.random.default_rng(11)
+        rows: list[list] = []
+        data: dict = {"kserve": kserve if isinstance(kserve, str) else "served"}
+        ALPHA = {"alpha": 1}  # noqa: N806
+        g_out = [grpcclient.InferRequestedOutput("grad")]
+        h_out = [httpclient.InferRequestedOutput("grad", binary_data=True)]
+        for n in GRPC_SIZES:
+            x = rng.uniform(-2, 2, n).astype(np.float32)
+            ref = grad_reference(x)
+            g_in = grpcclient.InferInput("x", [n], "FP32")
+            g_in.set_data_from_numpy(x)
+            h_in = httpclient.InferInput("x", [n], "FP32")
+            h_in.set_data_from_numpy(x, binary_data=True)
+            nbody = npy_bytes(x)
+            msg = pb.ModelInferRequest(model_name=V2_MODEL, raw_input_contents=[x.tobytes()])
+            msg.inputs.add(name="x", datatype="FP32", shape=[n])
+            msg.outputs.add(name="grad")
+            msg.parameters["alpha"].int64_param = 1
+            gbody = msg.SerializeToString()
+            contenders = [
+                ("service", "/v2 HTTP binary (tritonclient.http)",
+                 lambda: ours_h.infer(V2_MODEL, [h_in], outputs=h_out, parameters=ALPHA).as_numpy("grad")),
+                ("service", "gRPC raw contents (tritonclient.grpc)",
+                 lambda: ours_g.infer(V2_MODEL, [g_in], outputs=g_out, parameters=ALPHA).as_numpy("grad")),
+                ("service", "/v1 .npy (http.client)",
+                 lambda: np.load(io.BytesIO(h.post("/v1/grad?alpha=1.0", nbody, NPY, NPY)))),
+                ("service", "gRPC raw contents (grpc channel, message made once)", thin_call(ours_thin, gbody)),
+            ]
+            if theirs is not None:
+                contenders.append(("KServe", "gRPC raw contents (tritonclient.grpc)",
+                                   lambda: theirs.infer(V2_MODEL, [g_in], outputs=g_out,
+                                                        parameters=ALPHA).as_numpy("grad")))
+                contenders.append(("KServe", "gRPC raw contents (grpc channel, message made once)",
+                                   thin_call(theirs_thin, gbody)))
+            timed = []
+            for who, req, call in contenders:
+                try:
+                    got = call()
+                    if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-6, atol=1e-6):
+                        raise ValueError(f"answer differs from the NumPy reference (shape {got.shape})")
+                except Exception as e:  # reported, not timed
+                    why = str(e).splitlines()[0][:160]
+                    rows.append([f"{n:,}", who, req, f"skipped: {why}", ""])
+                    data.setdefault("skipped", {})[f"{n} {who} {req}"] = why
+                    continue
+                timed.append((who, req, call))
+            times = paired_medians([c for _, _, c in timed], repeats_for(n, quick), warmup=2)
+            base = dict(zip([f"{w} {r}" for w, r, _ in timed], times))
+            data[n] = base
+            http_binary = base.get("service /v2 HTTP binary (tritonclient.http)")
+            for (who, req, _), t in zip(timed, times):
+                rows.append([f"{n:,}", who, req, fmt_ms(t), f"{t / http_binary:.2f}" if http_binary else ""])
+        if isinstance(kserve, str):
+            rows.append(["", "KServe", "gRPC raw contents (tritonclient.grpc)", f"skipped: {kserve}", ""])
+        ours_g.close()
+        ours_h.close()
+        if theirs is not None:
+            theirs.close()
+    return rows, data
+
+
+GRPC_HEADER = ["elements", "server", "request", "median ms", "÷ service /v2 HTTP binary"]
+GRPC_TITLE = ("11. The Open Inference Protocol over gRPC: grad of FP32 x, tritonclient.grpc with raw contents beside "
+              "/v2 HTTP binary (tritonclient.http) and /v1 .npy, and KServe's gRPC server; also the thinnest gRPC "
+              "client (a channel, the message serialized once); one connection each, paired; answers checked "
+              "against NumPy first")
+
+
+def grpc_targets(g: dict) -> list[tuple[str, float | str, str, float]]:
+    ours, http_binary = "service gRPC raw contents (tritonclient.grpc)", "service /v2 HTTP binary (tritonclient.http)"
+    small = g.get(16, {})
+    out: list[tuple[str, float | str, str, float]] = [
+        ("16-element gRPC infer (tritonclient.grpc) ÷ 16-element /v2 HTTP binary (tritonclient.http)",
+         small[ours] / small[http_binary] if ours in small and http_binary in small else "not measured", "<=", 1.2)]
+    for n in (16, 1_000):
+        row = g.get(n, {})
+        why = g.get("kserve") if g.get("kserve") != "served" else "not measured at this size"
+        for client in ("tritonclient.grpc", "grpc channel, message made once"):
+            kserve, service = (row.get(f"{who} gRPC raw contents ({client})") for who in ("KServe", "service"))
+            out.append((f"{n:,} elements over gRPC ({client}): KServe's gRPC server's time ÷ the service's",
+                        kserve / service if kserve and service else f"skipped: KServe {why}", ">=", 3))
+    return out
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -977,6 +1120,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="only the client on the wire (section 8) and its targets, printed (nothing written)")
     which.add_argument("--shared-memory", action="store_true",
                        help="only the shared-memory section and its targets, printed (nothing written)")
+    which.add_argument("--grpc", action="store_true",
+                       help="only the Open Inference Protocol over gRPC (section 11) and its targets, printed "
+                       "(nothing written)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     info = machine()
@@ -989,6 +1135,13 @@ def main(argv: list[str] | None = None) -> int:
         md.append(text)
 
     print("\n".join(md), flush=True)
+    os.environ["SURROGATE_GRPC_PORT"] = "0"  # the servers started here serve gRPC where a section asks for it
+    if args.grpc:
+        rows, results["grpc"] = bench_grpc(args.quick)
+        emit(table(GRPC_TITLE, GRPC_HEADER, rows))
+        for name, value, op, goal in grpc_targets(results["grpc"]):
+            emit(f"- {name}: {value if isinstance(value, str) else f'{value:.2f}'} (goal {op} {goal})")
+        return 0
     if args.training_wire:
         rows, results["training_wire"] = bench_training_wire(args.quick)
         emit(table(WIRE_TITLE, WIRE_HEADER, rows))
@@ -1020,10 +1173,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:  # a checkout without the stage hooks
             print(f"1b. stages: skipped ({exc})", flush=True)
 
-    sp, fp, npt, lp = free_port(), free_port(), free_port(), free_port()
+    sp, fp, npt, lp, gp = free_port(), free_port(), free_port(), free_port(), free_port()
     with ExitStack() as stack:
         stack.enter_context(server([sys.executable, "-m", "service", "--port", str(sp)], sp, "/readyz",
-                                   {"SURROGATE_LOG_LEVEL": "warning"}))
+                                   {"SURROGATE_LOG_LEVEL": "warning", "SURROGATE_GRPC_PORT": str(gp)}))
         uv = [sys.executable, "-m", "uvicorn", "--app-dir", str(ROOT / "bench"), "--log-level", "warning", "--no-access-log"]
         stack.enter_context(server(uv + ["floor_app:app", "--port", str(fp)], fp, "/const"))
         if full:
@@ -1055,6 +1208,8 @@ def main(argv: list[str] | None = None) -> int:
                      else start_peers(peer_stack, list(PEERS)))
             peer_rows, peer_trows, results["v2_peers"] = bench_v2_peers(sp, fp, peers, args.quick)
         if full:
+            grpc_rows, results["grpc"] = bench_grpc(args.quick, sp, gp, peers=not args.no_peers)
+        if full:
             torch_rows, results["training_torch"] = bench_training_torch(sp, args.quick)
     if full:
         rows, results["workers"] = bench_workers(args.quick)
@@ -1077,6 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(table(WIRE_TITLE, WIRE_HEADER, rows))
         rows, results["shared_memory"] = bench_shared_memory(args.quick)
         emit(table(SHM_TITLE, SHM_HEADER, rows))
+        emit(table(GRPC_TITLE, GRPC_HEADER, grpc_rows))
 
     trows = []
     for name, value, op, goal in targets(results):
@@ -1173,6 +1329,8 @@ def targets(results: dict) -> list[tuple[str, float | str, str, float]]:
         out.append(("32 clients, 16 elements: the service's requests/s ÷ the fastest peer's",
                     ours32 / max(theirs32) if ours32 and theirs32 and max(theirs32) else "skipped: no peer measured",
                     ">=", 3))
+    if results.get("grpc"):
+        out += grpc_targets(results["grpc"])
     wire = results.get("training_wire")
     if wire:
         out += [

@@ -31,6 +31,8 @@ from .dataplane import DataPlane
 from .dataplane.memory import detect_budget, own_rss
 from .errors import ApiError, shown_field
 from .protocols.shm import Regions
+from .protocols.grpc.server import start as grpc_start
+from .protocols.grpc.server import stop as grpc_stop
 from .routes import RENDER, add_routes, as_response, protocol_of, validation_error
 from .server.security import token_digests
 from .server.settings import Settings
@@ -96,9 +98,11 @@ def _lifespan(rt: Runtime) -> Any:
         else:
             _size_budget(rt)
             rt.ready.set()
+        grpc_server = await grpc_start(rt)  # the Open Inference Protocol over gRPC (SURROGATE_GRPC_PORT)
         try:
             yield
         finally:
+            await grpc_stop(grpc_server, s.graceful_timeout)
             try:
                 await rt.batcher.drain(s.graceful_timeout)
             finally:

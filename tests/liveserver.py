@@ -24,6 +24,8 @@ def running_server(**settings):
     env = dict(os.environ, SURROGATE_HOST="127.0.0.1", SURROGATE_PORT=str(port), SURROGATE_WARMUP_MAX_ELEMENTS="4096")
     env.update({f"SURROGATE_{k.upper()}": str(v) for k, v in settings.items()})
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the gRPC server's host:port, where the settings give it one (the tests' default is 0: off)
+    proc.grpc_address = f"127.0.0.1:{settings['grpc_port']}" if settings.get("grpc_port") else None
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90

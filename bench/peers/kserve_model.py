@@ -6,6 +6,8 @@ input ``x`` (FP32), output ``grad``, the scalar ``alpha`` in the request's ``par
 tensors and the binary tensor extension are both KServe's own code paths.
 
     python bench/peers/kserve_model.py --http_port 8080 --enable_grpc false
+
+With ``--enable_grpc true --grpc_port G`` it answers the same over gRPC (``make bench``'s gRPC section).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def _param(parameters, key: str, default: float) -> float:
         return default
     if isinstance(parameters, dict):
         value = parameters.get(key, default)
+    elif hasattr(parameters, "get"):  # over gRPC: a map of InferParameter messages
+        value = parameters.get(key, default)
+        if hasattr(value, "WhichOneof"):  # (KServe's InferParameter has no double field: alpha=1 comes as int64)
+            kind = value.WhichOneof("parameter_choice")
+            value = default if kind is None else getattr(value, kind)
     else:  # a pydantic Parameters model (extra fields allowed)
         value = getattr(parameters, key, default)
     return float(value)
@@ -52,7 +59,11 @@ class PiecewiseQuadratic(Model):
         x = np.asarray(tensor.as_numpy(), np.float32)
         alpha = np.float32(_param(payload.parameters, "alpha", 1.0))
         g = np.asarray(grad(x, alpha))
-        out = InferOutput(name="grad", shape=list(g.shape), datatype="FP32", data=g)
+        if payload.from_grpc:  # raw_output_contents (KServe's own gRPC encoder takes no array as data)
+            out = InferOutput(name="grad", shape=list(g.shape), datatype="FP32")
+            out.set_data_from_numpy(g, binary_data=True)
+        else:
+            out = InferOutput(name="grad", shape=list(g.shape), datatype="FP32", data=g)
         return InferResponse(
             response_id=payload.id or "",
             model_name=self.name,

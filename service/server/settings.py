@@ -24,6 +24,11 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind (`make serve` and `python -m service`).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind.")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535,
+        description="TCP port of the Open Inference Protocol over gRPC, on the same host and in the same process "
+        "(0: off)."
+    )
     root_path: str | None = Field(
         None,
         description="The path prefix a proxy strips before forwarding (e.g. `/api`); named in the contract's `servers`."

@@ -37,6 +37,7 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^`]*)$")
 NOT_RUN = re.compile(r"^\s*<!--\s*not-run:\s*(?P<reason>\S.*?)\s*-->\s*$")
 # the local server a snippet talks to; the test points it at its own server
 LOCAL = re.compile(r"(?:127\.0\.0\.1|localhost):8000\b")
+LOCAL_GRPC = re.compile(r"(?:127\.0\.0\.1|localhost):8001\b")
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,12 @@ def all_blocks() -> list[Block]:
     return [b for p in documents() for b in blocks(p)]
 
 
-def pointed_at(code: str, base_url: str) -> str:
-    """``code`` with the documented local server (127.0.0.1:8000, localhost:8000) pointed at ``base_url``."""
+def pointed_at(code: str, base_url: str, grpc: str | None = None) -> str:
+    """``code`` with the documented local server (127.0.0.1:8000, localhost:8000) pointed at ``base_url``,
+    and its gRPC port (127.0.0.1:8001, localhost:8001) at ``grpc`` (host:port), where given."""
     hostport = base_url.split("://", 1)[1]
-    return LOCAL.sub(hostport, code)
+    code = LOCAL.sub(hostport, code)
+    return LOCAL_GRPC.sub(grpc, code) if grpc else code
 
 
 @dataclass(frozen=True)

@@ -85,4 +85,4 @@ def test_no_page_loads_anything_from_the_network(site):
 def test_docs_serve_target_runs_mkdocs_serve():
     r = subprocess.run(["make", "-n", "docs-serve"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     (line,) = [ln for ln in r.stdout.splitlines() if "mkdocs serve" in ln]
-    assert "--dev-addr 127.0.0.1:8001" in line  # not make serve's port 8000
+    assert "--dev-addr 127.0.0.1:8002" in line  # not make serve's ports 8000 (HTTP) and 8001 (gRPC)

@@ -128,8 +128,9 @@ def test_shell_runner_compares_shown_outputs(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: b.id)
-def test_snippet_runs(block, server_url, tmp_path):
-    code = pointed_at(block.code, server_url)
+def test_snippet_runs(block, shared_server, tmp_path):
+    base, proc = shared_server
+    code = pointed_at(block.code, base, proc.grpc_address)
     if block.lang == "python":
         r = run_python(code, tmp_path)
         assert r.returncode == 0, f"{block.id} failed:\n{r.stdout}\n{r.stderr}"

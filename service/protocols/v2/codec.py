@@ -311,6 +311,20 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits, reg
     if req is None:
         req = _json_object(head, "the inference request", "with inputs")
         _no_repeated_keys(head, req)
+    # true/false in a tensor's data must not pass for 1/0: then data is walked element by element.
+    # The literals of flat "parameters" objects (binary_data: true, ...) hold no data, so they alone
+    # do not make the walk necessary.
+    careful = has_literals(head) and has_literals(_FLAT_PARAMETERS.sub(b"", bytes(head)))
+    return decode_request(sur, req, rest, careful, limits, regions=regions)
+
+
+def decode_request(sur: core.Surrogate, req: dict[str, Any], rest: memoryview, careful: bool, limits: Limits,
+                   raws: list[memoryview] | None = None, regions: Regions | None = None
+                   ) -> tuple[dict[str, Any], list[tuple[str, bool, Target | None]], list[core.Job]]:
+    """An infer request, parsed (``req``: its JSON object, or another protocol's request in that
+    shape), into core jobs: every check and message of ``/v2``. Binary inputs are read from ``rest``
+    one after another, or, with ``raws``, each from its own buffer (``raws[i]`` for ``inputs[i]``,
+    read whole: gRPC's ``raw_input_contents``)."""
     unknown = [k for k in req if k not in _REQUEST_FIELDS]
     if unknown:
         raise _bad(f"unknown field {shown(unknown[0])} in the inference request "
@@ -327,16 +341,15 @@ def _decode(sur: core.Surrogate, body: bytes, head_end: int, limits: Limits, reg
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _bad("'inputs' must be a non-empty list of tensors")
-    # true/false in a tensor's data must not pass for 1/0: then data is walked element by element.
-    # The literals of flat "parameters" objects (binary_data: true, ...) hold no data, so they alone
-    # do not make the walk necessary.
-    careful = has_literals(head) and has_literals(_FLAT_PARAMETERS.sub(b"", bytes(head)))
     allowed = {"x", "cotangent", *sur.param_names}
     arrays: dict[str, np.ndarray] = {}
     dtype = "float32"
     offset = 0
     for i, t in enumerate(inputs):
-        name, a, dt, offset = _decode_input(t, i, rest, offset, careful, limits, regions)
+        if raws is None:
+            name, a, dt, offset = _decode_input(t, i, rest, offset, careful, limits, regions)
+        else:
+            name, a, dt, _ = _decode_input(t, i, raws[i], 0, careful, limits, regions)
         if name == "x":
             dtype = dt  # the computation (and output) dtype is x's datatype
         if name in arrays:
