@@ -30,9 +30,9 @@ from . import __version__
 from .dataplane import DataPlane
 from .dataplane.memory import detect_budget, own_rss
 from .errors import ApiError, shown_field
-from .protocols.shm import Regions
 from .protocols.grpc.server import start as grpc_start
 from .protocols.grpc.server import stop as grpc_stop
+from .protocols.shm import Regions
 from .routes import RENDER, add_routes, as_response, protocol_of, validation_error
 from .server.security import token_digests
 from .server.settings import Settings

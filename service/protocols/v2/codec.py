@@ -255,8 +255,9 @@ class V2Codec:
 
     @staticmethod
     def binary_answer(decoded: V2Decoded) -> bool:
-        """Whether the answer is binary tensors alone, not compressed (cheap to make)."""
-        return all(b for _, b in decoded.outputs) and _accepted_encoding(decoded.request.accept_encoding) is None
+        """Whether the answer is binary tensors and shared-memory writes alone, not compressed (cheap to make)."""
+        return all(binary or target is not None for _, binary, target in decoded.outputs) \
+            and _accepted_encoding(decoded.request.accept_encoding) is None
 
     @staticmethod
     def answer_bytes(decoded: V2Decoded) -> int:
