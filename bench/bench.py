@@ -1142,18 +1142,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, value, op, goal in grpc_targets(results["grpc"]):
             emit(f"- {name}: {value if isinstance(value, str) else f'{value:.2f}'} (goal {op} {goal})")
         return 0
-    if args.training_wire:
-        rows, results["training_wire"] = bench_training_wire(args.quick)
-        emit(table(WIRE_TITLE, WIRE_HEADER, rows))
-        for name, value, op, goal in targets(results):
-            emit(f"- {name}: {value:.2f} (goal {op} {goal})")
-        return 0
-    if args.shared_memory:
-        rows, results["shared_memory"] = bench_shared_memory(args.quick)
-        emit(table(SHM_TITLE, SHM_HEADER, rows))
-        for name, value, op, goal in targets(results):
-            emit(f"- {name}: {value:.2f} (goal {op} {goal})")
-        return 0
+    alone = {"training_wire": (args.training_wire, bench_training_wire, WIRE_TITLE, WIRE_HEADER),
+             "shared_memory": (args.shared_memory, bench_shared_memory, SHM_TITLE, SHM_HEADER)}
+    for key, (chosen, section, title, header) in alone.items():
+        if chosen:  # this section alone, and its targets, printed
+            rows, results[key] = section(args.quick)
+            emit(table(title, header, rows))
+            for name, value, op, goal in targets(results):
+                emit(f"- {name}: {value:.2f} (goal {op} {goal})")
+            return 0
     full = not args.peers_only
     if full:
         rows, results["inprocess"] = bench_inprocess(args.quick)

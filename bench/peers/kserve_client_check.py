@@ -33,22 +33,29 @@ def request(model: str, x: np.ndarray, alpha: float, binary: bool) -> InferReque
     return InferRequest(model_name=model, infer_inputs=[tensor], parameters={"alpha": alpha}, request_outputs=outputs)
 
 
+async def health(calls: list) -> bool:
+    """Each ``(label, call)``: awaited, its answer printed; whether every one answered ``True``."""
+    ok = True
+    for label, call in calls:
+        try:
+            value = await call()
+            print(f"{label}: {value}")
+            ok &= value is True
+        except Exception as e:  # report every failure, go on with the next call
+            print(f"{label}: FAILED {type(e).__name__}: {e}")
+            ok = False
+    return ok
+
+
 async def check(url: str, model: str) -> bool:
     ok = True
     client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
     try:
-        for label, call in [
+        ok &= await health([
             ("server_live", lambda: client.is_server_live(url)),
             ("server_ready", lambda: client.is_server_ready(url)),
             ("model_ready", lambda: client.is_model_ready(url, model)),
-        ]:
-            try:
-                value = await call()
-                print(f"{label}: {value}")
-                ok &= value is True
-            except Exception as e:  # report every failure, go on with the next call
-                print(f"{label}: FAILED {type(e).__name__}: {e}")
-                ok = False
+        ])
         x = np.linspace(-2, 2, 1001, dtype=np.float32)
         for alpha in (1.0, 2.0):
             for binary in (False, True):

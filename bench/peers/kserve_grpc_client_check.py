@@ -23,12 +23,7 @@ import grpc
 import numpy as np
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 from kserve.protocol.infer_type import RequestedOutput
-
-
-def reference(x: np.ndarray, alpha: float) -> np.ndarray:
-    a = np.float32(alpha)
-    ax = np.abs(x)
-    return np.where(ax <= 1 / a, a - a * a * ax, 0).astype(np.float32)
+from kserve_client_check import health, reference  # (this script's folder: bench/peers)
 
 
 def request(model: str, x: np.ndarray, alpha: int | str, raw_in: bool, raw_out: bool) -> InferRequest:
@@ -42,18 +37,11 @@ async def check(url: str, model: str, token: str | None) -> bool:
     ok = True
     headers = [("authorization", f"Bearer {token}")] if token else None
     async with InferenceGRPCClient(url, timeout=30, retries=0) as client:
-        for label, call in [
+        ok &= await health([
             ("server_live", lambda: client.is_server_live(headers=headers)),
             ("server_ready", lambda: client.is_server_ready(headers=headers)),
             ("model_ready", lambda: client.is_model_ready(model, headers=headers)),
-        ]:
-            try:
-                value = await call()
-                print(f"{label}: {value}")
-                ok &= value is True
-            except Exception as e:  # report every failure, go on with the next call
-                print(f"{label}: FAILED {type(e).__name__}: {e}")
-                ok = False
+        ])
         x = np.linspace(-2, 2, 1001, dtype=np.float32)
         for alpha in (1, 2, "2.5"):
             for raw_in, raw_out in ((False, False), (True, True), (True, False), (False, True)):

@@ -136,16 +136,12 @@ async def test_integers_read_the_same_whatever_the_body_size(client, big):
     assert vals[0] == vals[1] == want
 
 
-@pytest.mark.parametrize(("n", "off_loop"), [(30_000, False), (120_000, True)])
-async def test_answers_are_encoded_off_the_loop_by_their_bytes(monkeypatch, n, off_loop):
-    """With the element threshold out of reach, an answer estimated over 1 MiB (120,000 JSON numbers)
-    is still written in a worker thread, and a smaller one (30,000: about 0.5 MiB) on the loop."""
+async def encoded_off_the_loop(monkeypatch, n: int, accept: str, **settings) -> bool:
+    """Whether the answer of a ``/v1/grad`` of ``n`` float32 elements (sent as .npy, answered as
+    ``accept``) was encoded in a worker thread; the answer checked against NumPy."""
     from helpers import App
-    from service.dataplane import OFFLOAD_BYTES
-    from service.protocols.tensors.npy import answer_bytes
     from service.protocols.v1.codec import V1Codec
 
-    assert (answer_bytes((n,), 4, json=True) > OFFLOAD_BYTES) is off_loop
     threads: list[int] = []
     encode = V1Codec.encode
 
@@ -155,14 +151,27 @@ async def test_answers_are_encoded_off_the_loop_by_their_bytes(monkeypatch, n, o
 
     monkeypatch.setattr(V1Codec, "encode", recording)
     x = np.linspace(-2, 2, n, dtype=np.float32)
-    async with App(offload_elements=10**9) as a:
+    async with App(**settings) as a:
         buf = io.BytesIO()
         np.save(buf, x)
-        r = await a.client.post("/v1/grad", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+        r = await a.client.post("/v1/grad", content=buf.getvalue(),
+                                headers={"content-type": "application/x-npy", "accept": accept})
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(r.json()["grad"], np.maximum(0, 1 - np.abs(x)), rtol=1e-6, atol=1e-6)
+        got = np.load(io.BytesIO(r.content)) if accept != "application/json" else np.asarray(r.json()["grad"])
+        np.testing.assert_allclose(got, np.maximum(0, 1 - np.abs(x)), rtol=1e-6, atol=1e-6)
     assert len(threads) == 1
-    assert (threads[0] != threading.get_ident()) is off_loop
+    return threads[0] != threading.get_ident()
+
+
+@pytest.mark.parametrize(("n", "off_loop"), [(30_000, False), (120_000, True)])
+async def test_answers_are_encoded_off_the_loop_by_their_bytes(monkeypatch, n, off_loop):
+    """With the element threshold out of reach, an answer estimated over 1 MiB (120,000 JSON numbers)
+    is still written in a worker thread, and a smaller one (30,000: about 0.5 MiB) on the loop."""
+    from service.dataplane import OFFLOAD_BYTES
+    from service.protocols.tensors.npy import answer_bytes
+
+    assert (answer_bytes((n,), 4, json=True) > OFFLOAD_BYTES) is off_loop
+    assert await encoded_off_the_loop(monkeypatch, n, "application/json", offload_elements=10**9) is off_loop
 
 
 @pytest.mark.parametrize(("n", "accept", "off_loop"), [
@@ -173,25 +182,4 @@ async def test_answers_are_encoded_off_the_loop_by_their_bytes(monkeypatch, n, o
 ])
 async def test_binary_answers_are_encoded_on_the_loop_below_a_mebibyte(monkeypatch, n, accept, off_loop):
     """Text answers go to a worker thread past offload_elements numbers; binary ones only past 1 MiB."""
-    from helpers import App
-    from service.protocols.v1.codec import V1Codec
-
-    threads: list[int] = []
-    encode = V1Codec.encode
-
-    def recording(self, decoded, results):
-        threads.append(threading.get_ident())
-        return encode(self, decoded, results)
-
-    monkeypatch.setattr(V1Codec, "encode", recording)
-    x = np.linspace(-2, 2, n, dtype=np.float32)
-    async with App() as a:
-        buf = io.BytesIO()
-        np.save(buf, x)
-        r = await a.client.post("/v1/grad", content=buf.getvalue(),
-                                headers={"content-type": "application/x-npy", "accept": accept})
-        assert r.status_code == 200, r.text
-        got = np.load(io.BytesIO(r.content)) if accept != "application/json" else np.asarray(r.json()["grad"])
-        np.testing.assert_allclose(got, np.maximum(0, 1 - np.abs(x)), rtol=1e-6, atol=1e-6)
-    assert len(threads) == 1
-    assert (threads[0] != threading.get_ident()) is off_loop
+    assert await encoded_off_the_loop(monkeypatch, n, accept) is off_loop

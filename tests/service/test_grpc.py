@@ -79,14 +79,10 @@ def raw_bytes(a, datatype) -> bytes:
 
 
 def set_param(p, v):
-    if isinstance(v, bool):
-        p.bool_param = v
-    elif isinstance(v, int):
-        p.int64_param = v
-    elif isinstance(v, float):
-        p.double_param = v
-    else:
-        p.string_param = v
+    """An ``InferParameter`` of the field KServe's and tritonclient's clients use for ``v`` (the codec's own mapping)."""
+    from service.protocols.grpc.codec import set_parameter
+
+    set_parameter(p, v)
 
 
 def raw_outputs(resp) -> dict[str, np.ndarray]:
@@ -452,20 +448,30 @@ async def test_shutting_down_refuses_new_calls_and_reports_not_ready(served):
     assert raw_outputs(await g.infer(infer_request(inputs=[("x", SEED, "FP32")])))["spike"].tolist() == [0, 0, 1, 1, 1]
 
 
-async def test_past_the_request_timeout_is_deadline_exceeded_with_the_v2_message():
+def slowed(batcher, seconds: float, started=None):
+    """Make ``batcher`` wait ``seconds`` before each submission (setting ``started`` first); returns
+    its own ``submit``, to put back."""
     import asyncio
+
+    submit = batcher.submit
+
+    async def slow(*args, **kw):
+        if started is not None:
+            started.set()
+        await asyncio.sleep(seconds)
+        return await submit(*args, **kw)
+
+    batcher.submit = slow
+    return submit
+
+
+async def test_past_the_request_timeout_is_deadline_exceeded_with_the_v2_message():
 
     port = free_port()
     async with App(grpc_port=port, request_timeout=0.2) as a:
         g = Grpc(port)
         batcher = a.rt.dataplane.batcher
-        submit = batcher.submit
-
-        async def slow(*args, **kw):
-            await asyncio.sleep(5)
-            return await submit(*args, **kw)
-
-        batcher.submit = slow
+        submit = slowed(batcher, 5)
         req, path, (b, headers) = both([("x", SEED, "FP32")])
         r = await a.client.post(path, content=b, headers=headers)
         assert r.status_code == 503
@@ -485,15 +491,8 @@ async def test_the_graceful_stop_lets_a_call_in_progress_finish():
     await a.__aenter__()
     g = Grpc(port)
     batcher = a.rt.dataplane.batcher
-    submit = batcher.submit
     started = asyncio.Event()
-
-    async def slow(*args, **kw):
-        started.set()
-        await asyncio.sleep(0.5)
-        return await submit(*args, **kw)
-
-    batcher.submit = slow
+    slowed(batcher, 0.5, started)
     call = asyncio.ensure_future(g.infer(infer_request(inputs=[("x", SEED, "FP32")])))
     await started.wait()
     await a.__aexit__(None, None, None)  # waits for the call in progress
@@ -508,13 +507,7 @@ async def test_a_call_whose_client_gives_up_is_counted_as_499_and_lets_go_of_eve
 
     a, g = served
     batcher = a.rt.dataplane.batcher
-    submit = batcher.submit
-
-    async def slow(*args, **kw):
-        await asyncio.sleep(2)
-        return await submit(*args, **kw)
-
-    batcher.submit = slow
+    submit = slowed(batcher, 2)
     code, _ = await status_of(g.infer(infer_request(inputs=[("x", SEED, "FP32")]), timeout=0.2))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's own deadline
     for _ in range(100):  # the server's call is cancelled when the client's deadline passes
