@@ -618,7 +618,8 @@ def peer_command(name: str, venv: Path, port: int) -> tuple[list[str], dict[str,
         return ([str(venv / "bin" / "python"), str(PEERS_DIR / "kserve_model.py"), "--http_port", str(port),
                  "--enable_grpc", "false", "--enable_latency_logging", "false"], env)
     if name == "mlserver":  # gRPC cannot be switched off: it gets a free port of its own
-        return ([str(venv / "bin" / "mlserver"), "start", str(PEERS_DIR / "mlserver")],
+        # its script through the venv's interpreter: a venv moved or copied keeps a stale #! line
+        return ([str(venv / "bin" / "python"), str(venv / "bin" / "mlserver"), "start", str(PEERS_DIR / "mlserver")],
                 {**env, "MLSERVER_HTTP_PORT": str(port), "MLSERVER_GRPC_PORT": str(free_port())})
     raise ValueError(name)
 
@@ -637,8 +638,8 @@ def start_peers(stack: ExitStack, names: list[str]) -> dict[str, int | str]:
         try:
             stack.enter_context(server(cmd, port, f"/v2/models/{V2_MODEL}/ready", env))
             peers[name] = port
-        except RuntimeError as e:
-            peers[name] = f"did not start: {str(e).strip().splitlines()[-1][:200]}"
+        except (RuntimeError, OSError) as e:
+            peers[name] = f"did not start: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}"
             print(f"{PEERS[name]}: skipped: {peers[name]}", flush=True)
     return peers
 
