@@ -216,6 +216,7 @@ class Engine:
         """Compile the scalar-layout variants of ``ops`` for every bucket up to ``max_elements``.
         Returns how many variants that is (each is logged at DEBUG only: log one summary)."""
         sur = _registry.get(surrogate)
+        _let_go()  # compiles its tiny executable now, not during the first large request
         n = 0
         b = self.small_bucket
         top = self.bucket(max_elements)

@@ -192,12 +192,11 @@ class Batcher:
 
     def _inline(self, jobs: Sequence[core.Job], elements: int) -> bool:
         """Whether a batch computes on the event loop: compiled, and small or measured to be quick."""
-        if not self.engine.is_compiled(jobs):
-            return False
-        if elements <= self.offload_elements:
-            return True
-        expected = self.times.expected(jobs)
-        return expected is not None and expected < self.offload_seconds
+        if elements > self.offload_elements:
+            expected = self.times.expected(jobs)
+            if expected is None or expected >= self.offload_seconds:
+                return False  # (asked first: a batch bound for a thread is not planned here, nor kept in a plan)
+        return self.engine.is_compiled(jobs)
 
     def _count_batch(self, requests: int, elements: int, seconds: float) -> None:
         self.stats.batches += 1
@@ -224,8 +223,7 @@ class Batcher:
         if not self._inline(jobs, total):
             # long, or needs a compilation first: either would hold the event loop too long
             self._in_flight += 1
-            warm = self.engine.is_compiled(jobs)
-            task = asyncio.get_running_loop().create_task(self._run_thread(items, jobs, total, warm))
+            task = asyncio.get_running_loop().create_task(self._run_thread(items, jobs, total))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
@@ -239,7 +237,7 @@ class Batcher:
                 self.times.record(jobs, total, seconds)
                 self._deliver(items, results, total, seconds)
 
-    async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int, warm: bool) -> None:
+    async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int) -> None:
         t0 = time.perf_counter()
         device: list[float] = []
 
@@ -249,9 +247,11 @@ class Batcher:
             if all(it.future.done() for it in items):
                 self.stats.skipped += 1
                 return None
+            compiled = self.engine.stats.compilations
             start = time.perf_counter()
             results = self.engine.run(jobs)
-            device.append(time.perf_counter() - start)
+            if self.engine.stats.compilations == compiled:  # a call that compiled says nothing of its device time
+                device.append(time.perf_counter() - start)
             return results
 
         try:
@@ -260,7 +260,7 @@ class Batcher:
             self._fail(items, exc)
         else:
             if results is not None:
-                if warm:  # a first call's compilation is not its device time
+                if device:
                     self.times.record(jobs, total, device[0])
                 self._deliver(items, results, total, time.perf_counter() - t0)
         finally:

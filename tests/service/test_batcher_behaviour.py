@@ -71,6 +71,10 @@ class Hooked:
     def is_compiled(self, jobs) -> bool:
         return self.engine.is_compiled(jobs)
 
+    @property
+    def stats(self):
+        return self.engine.stats
+
     def run(self, jobs):
         self.calls.append((threading.get_ident(), len(jobs)))
         if self.hook is not None:
