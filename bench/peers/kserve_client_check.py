@@ -47,6 +47,24 @@ async def health(calls: list) -> bool:
     return ok
 
 
+async def checked(label: str, call, x: np.ndarray, alpha: float, *, pick=lambda res: res.outputs[0],
+                  name: str | None = None) -> bool:
+    """Await ``call()`` (an infer), check the output ``pick`` finds (named ``name``, if given) against
+    the NumPy reference, print one line; whether it was right."""
+    try:
+        res = await call()
+        out = pick(res)
+        got = np.asarray(out.as_numpy(), np.float32)
+        right = (name is None or out.name == name) and got.shape == x.shape and np.allclose(
+            got, reference(x, alpha), rtol=1e-6, atol=1e-6)
+        print(f"{label}: {'equal to the NumPy reference' if right else 'WRONG ANSWER'} "
+              f"(output {out.name!r}, {out.datatype}, shape {list(got.shape)})")
+        return bool(right)
+    except Exception as e:  # report every failure, go on with the next call
+        print(f"{label}: FAILED {type(e).__name__}: {e}")
+        return False
+
+
 async def check(url: str, model: str) -> bool:
     ok = True
     client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
@@ -60,17 +78,9 @@ async def check(url: str, model: str) -> bool:
         for alpha in (1.0, 2.0):
             for binary in (False, True):
                 label = f"infer alpha={alpha} {'binary' if binary else 'JSON'}"
-                try:
-                    res = await client.infer(url, request(model, x, alpha, binary), model_name=model)
-                    out = res.get_output_by_name("grad") or res.outputs[0]
-                    got = np.asarray(out.as_numpy(), np.float32)
-                    right = got.shape == x.shape and np.allclose(got, reference(x, alpha), rtol=1e-6, atol=1e-6)
-                    print(f"{label}: {'equal to the NumPy reference' if right else 'WRONG ANSWER'} "
-                          f"(output {out.name!r}, {out.datatype}, shape {list(got.shape)})")
-                    ok &= bool(right)
-                except Exception as e:
-                    print(f"{label}: FAILED {type(e).__name__}: {e}")
-                    ok = False
+                ok &= await checked(label, lambda b=binary, a=alpha: client.infer(
+                    url, request(model, x, a, b), model_name=model), x, alpha,
+                    pick=lambda res: res.get_output_by_name("grad") or res.outputs[0])
     finally:
         await client.close()
     return ok

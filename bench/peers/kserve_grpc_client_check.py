@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 from kserve.protocol.infer_type import RequestedOutput
-from kserve_client_check import health, reference  # (this script's folder: bench/peers)
+from kserve_client_check import checked, health  # (this script's folder: bench/peers)
 
 
 def request(model: str, x: np.ndarray, alpha: int | str, raw_in: bool, raw_out: bool) -> InferRequest:
@@ -47,18 +47,8 @@ async def check(url: str, model: str, token: str | None) -> bool:
             for raw_in, raw_out in ((False, False), (True, True), (True, False), (False, True)):
                 label = (f"infer alpha={alpha!r} x {'raw' if raw_in else 'typed'}, "
                          f"grad {'raw' if raw_out else 'typed'}")
-                try:
-                    res = await client.infer(request(model, x, alpha, raw_in, raw_out), headers=headers)
-                    out = res.outputs[0]
-                    got = np.asarray(out.as_numpy(), np.float32)
-                    right = out.name == "grad" and got.shape == x.shape and np.allclose(
-                        got, reference(x, float(alpha)), rtol=1e-6, atol=1e-6)
-                    print(f"{label}: {'equal to the NumPy reference' if right else 'WRONG ANSWER'} "
-                          f"(output {out.name!r}, {out.datatype}, shape {list(got.shape)})")
-                    ok &= bool(right)
-                except Exception as e:
-                    print(f"{label}: FAILED {type(e).__name__}: {e}")
-                    ok = False
+                ok &= await checked(label, lambda a=alpha, i=raw_in, o=raw_out: client.infer(
+                    request(model, x, a, i, o), headers=headers), x, float(alpha), name="grad")
         try:
             await client.infer(request("no_such_model", x, 1, True, True), headers=headers)
             print("infer of an unknown model: WRONG: it worked")
