@@ -759,17 +759,12 @@ def bench_training_torch(svc: int, quick: bool) -> tuple[list[list], dict]:
         return [["local / served", f"skipped: {exc}", "", "", ""]], {"skipped": str(exc)}
     torch.set_num_threads(1)
 
-    class LocalPQ(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return (x >= 0).to(x.dtype)
+    sys.path.insert(0, str(ROOT / "tests"))  # the tests' own local spike function, the reference they train with
+    from helpers import torch_local_spike
 
-        @staticmethod
-        def backward(ctx, grad_output):
-            (x,) = ctx.saved_tensors
-            ax = x.abs()
-            return grad_output * torch.where(ax > 1.0, torch.zeros_like(x), 1.0 - ax)
+    def pq_grad(x):  # PiecewiseQuadratic's g'(x) at alpha = 1
+        ax = x.abs()
+        return torch.where(ax > 1.0, torch.zeros_like(x), 1.0 - ax)
 
     def trainer(spike_grad):
         torch.manual_seed(0)
@@ -797,7 +792,7 @@ def bench_training_torch(svc: int, quick: bool) -> tuple[list[list], dict]:
         return step, losses
 
     with SurrogateClient(f"http://127.0.0.1:{svc}") as client:
-        modes = {"local": LocalPQ.apply}
+        modes = {"local": torch_local_spike(pq_grad)}
         modes.update({f'served, fetch="{f}"': spike_function(client, "piecewise_quadratic", fetch=f, alpha=1.0)
                       for f in ("step", "call")})
         runs = {name: trainer(fn) for name, fn in modes.items()}
