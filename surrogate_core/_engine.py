@@ -12,6 +12,7 @@ and a new alpha never compiles anything.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -353,8 +354,13 @@ class Engine:
 #: Device calls whose arguments hold at least this many bytes are followed by :func:`_let_go`.
 LET_GO_BYTES = 1 << 20
 
-_release: list[Any] = []  # the compiled scalar identity of _let_go, once made
 _ZERO = np.zeros((), np.float32)
+
+
+@functools.cache
+def _identity() -> Any:
+    """A compiled scalar identity, the tiny call of :func:`_let_go` (made once)."""
+    return jax.jit(lambda v: v).lower(jax.ShapeDtypeStruct((), np.float32)).compile()
 
 
 def _let_go() -> None:
@@ -362,9 +368,7 @@ def _let_go() -> None:
     dispatch (on the CPU it computes on them in place) until its next one: the padded buffer, or,
     when a request fills its bucket exactly, a view of the request's own body. One tiny call (a
     few microseconds) makes it let go, so a large request's memory does not outlive its answer."""
-    if not _release:
-        _release.append(jax.jit(lambda v: v).lower(jax.ShapeDtypeStruct((), np.float32)).compile())
-    _release[0](_ZERO)
+    _identity()(_ZERO)
 
 
 def _flat(arrays: list[np.ndarray], jobs: list[Job], sizes: list[int], bucket: int, dt: np.dtype,

@@ -156,10 +156,7 @@ class Batcher:
                 self._count_failure(1, exc)
                 raise DeviceError(exc) from exc
             seconds = time.perf_counter() - t0
-            self.times.record(jobs, elements, seconds)
-            self._count_batch(1, elements, seconds)
-            if self.on_execution is not None:
-                self.on_execution(jobs)
+            self._computed(1, jobs, elements, seconds, seconds)
             if timing is not None:
                 timing.seconds = seconds
             return results
@@ -198,11 +195,19 @@ class Batcher:
                 return False  # (asked first: a batch bound for a thread is not planned here, nor kept in a plan)
         return self.engine.is_compiled(jobs)
 
-    def _count_batch(self, requests: int, elements: int, seconds: float) -> None:
+    def _computed(self, requests: int, jobs: Sequence[core.Job], elements: int, seconds: float,
+                  device: float | None) -> None:
+        """A batch of ``requests`` computed in ``seconds``: counted, its jobs reported to
+        ``on_execution``, and ``device`` (the engine call alone; None when it compiled) measured for
+        where later batches of its kind compute."""
         self.stats.batches += 1
         self.stats.requests += requests
         if self.on_batch is not None:
             self.on_batch(requests, elements, seconds)
+        if self.on_execution is not None:
+            self.on_execution(jobs)
+        if device is not None:
+            self.times.record(jobs, elements, device)
 
     def _count_failure(self, requests: int, exc: Exception) -> None:
         self.stats.failures += 1
@@ -234,12 +239,11 @@ class Batcher:
                 self._fail(items, exc)
             else:
                 seconds = time.perf_counter() - t0
-                self.times.record(jobs, total, seconds)
-                self._deliver(items, results, total, seconds)
+                self._deliver(items, jobs, results, total, seconds, seconds)
 
     async def _run_thread(self, items: list[_Item], jobs: list[core.Job], total: int) -> None:
         t0 = time.perf_counter()
-        device: list[float] = []
+        device: list[float] = []  # the engine call's own time, unless it compiled
 
         def run() -> list[np.ndarray] | None:
             # a worker thread may start this long after it was queued: if every request of the
@@ -260,16 +264,13 @@ class Batcher:
             self._fail(items, exc)
         else:
             if results is not None:
-                if device:
-                    self.times.record(jobs, total, device[0])
-                self._deliver(items, results, total, time.perf_counter() - t0)
+                self._deliver(items, jobs, results, total, time.perf_counter() - t0, device[0] if device else None)
         finally:
             self._in_flight -= 1
 
-    def _deliver(self, items: list[_Item], results: list[np.ndarray], total: int, seconds: float) -> None:
-        self._count_batch(len(items), total, seconds)
-        if self.on_execution is not None:
-            self.on_execution([j for it in items for j in it.jobs])
+    def _deliver(self, items: list[_Item], jobs: list[core.Job], results: list[np.ndarray], total: int,
+                 seconds: float, device: float | None) -> None:
+        self._computed(len(items), jobs, total, seconds, device)
         o = 0
         for it in items:
             k = len(it.jobs)
