@@ -102,7 +102,7 @@ class Stats:
                 self._success(self._model(name), n, mark, t3)
             return
         name = jobs[0].surrogate
-        self._success(self._models.get(name) or self._model(name), 1, mark, t3)
+        self._success(self._model(name), 1, mark, t3)
 
     @staticmethod
     def _success(m: _Model, n: int, mark: Mark, t3: int) -> None:
@@ -141,7 +141,7 @@ class Stats:
             return
         first = jobs[0].surrogate
         if len(jobs) == 1 or all(j.surrogate == first for j in jobs):
-            m = self._models.get(first) or self._model(first)
+            m = self._model(first)
             m.executions += 1
             return
         for name in {j.surrogate for j in jobs}:

@@ -53,10 +53,11 @@ def _bad(message: str, field: str | None = None) -> ApiError:
     return ApiError(400, message, field=shown_field(field) if field else field, code="invalid_value")
 
 
-def off_error() -> ApiError:
-    """The 400 for any use of shared memory on a server that has it off."""
-    return _bad("system shared memory is off on this server (start it with SURROGATE_SHARED_MEMORY=true to "
-                "use shared-memory regions)", "shared_memory_region")
+def off_error(code: str = "invalid_value") -> ApiError:
+    """The 400 for any use of shared memory on a server that has it off (``code``: gRPC answers its
+    ``shared_memory_off`` as UNIMPLEMENTED)."""
+    return ApiError(400, "system shared memory is off on this server (start it with SURROGATE_SHARED_MEMORY=true to "
+                    "use shared-memory regions)", field="shared_memory_region", code=code)
 
 
 class _Region:

@@ -36,6 +36,7 @@ from ...compute import release
 from ...errors import ApiError
 from ...server.lifecycle import is_shutting_down
 from ...server.security import check_token
+from ..shm import off_error
 from ..v2 import codec as v2
 from .codec import GrpcCodec, GrpcRequest
 
@@ -75,7 +76,7 @@ class Service:
 
     def __init__(self, rt: Any) -> None:
         self.rt = rt
-        self.codec = GrpcCodec(rt.dataplane.limits, getattr(rt, "shm", None))
+        self.codec = GrpcCodec(rt.dataplane.limits, rt.shm)
 
     # -- the calls --------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
@@ -86,7 +87,7 @@ class Service:
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         extensions = ["model_repository", "statistics"]
-        if self._regions() is not None:
+        if self.rt.shm is not None:
             extensions.append("system_shared_memory")
         return pb.ServerMetadataResponse(name="surrogate-serve", version=__version__, extensions=extensions)
 
@@ -140,15 +141,10 @@ class Service:
             return await dp.serve(self.codec, GrpcRequest(), body, ticket)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _regions(self) -> Any:
-        return getattr(self.rt, "shm", None)
-
     def _shm(self) -> Any:
-        regions = self._regions()
-        if regions is None:
-            raise ApiError(400, "system shared memory is off on this server (start it with "
-                           "SURROGATE_SHARED_MEMORY=true to use shared-memory regions)", code="shared_memory_off")
-        return regions
+        if self.rt.shm is None:
+            raise off_error(code="shared_memory_off")
+        return self.rt.shm
 
 
 def _handler(rt: Any, name: str, call: Callable[[Any], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
